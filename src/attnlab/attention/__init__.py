@@ -1,0 +1,44 @@
+"""Pluggable attention mechanisms.
+
+Every module of this package is imported on first use, so a new mechanism is one file here
+(decorated with :func:`register_attention`) and one YAML in ``conf/attention/``; nothing else
+changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import (
+    Attention,
+    AttentionCache,
+    AttentionConfig,
+    AttentionContext,
+    EmptyCache,
+    KVCache,
+    causal_mask,
+    mark_residual_projection,
+    sdpa_causal,
+)
+from .registry import (
+    AttentionSpec,
+    get_registration,
+    load_preset,
+    preset_names,
+    register_attention,
+    registered_names,
+    resolve_attention,
+    resolve_layer_attention,
+)
+
+_INFRASTRUCTURE = {"base", "registry"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "Attention", "AttentionCache", "AttentionConfig", "AttentionContext", "AttentionSpec", "EmptyCache",
+    "KVCache", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
+    "register_attention", "registered_names", "resolve_attention", "resolve_layer_attention", "sdpa_causal",
+]

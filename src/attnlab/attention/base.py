@@ -1,0 +1,208 @@
+"""The contract every attention mechanism implements.
+
+A mechanism is an :class:`Attention` subclass with a nested ``Config`` dataclass, registered
+under a name with :func:`attnlab.attention.register_attention`. The model only ever sees this
+interface:
+
+* ``forward(x, ctx, cache=None) -> y`` with ``x, y`` of shape ``(B, T, C)``;
+* ``ctx`` (:class:`AttentionContext`) carries positions, the rotary table, and the two
+  side channels: auxiliary losses (added to the task loss by the LightningModule) and
+  statistics (read by callbacks, recorded only when asked for);
+* ``init_cache(...)`` returns an :class:`AttentionCache` holding what the mechanism keeps per
+  token (or its recurrent state) for decoding; ``cache_bytes(...)`` is its closed form, which
+  the tests compare with the bytes actually held.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.config import ModelConfig
+from attnlab.layers import mark_residual_projection  # noqa: F401  (re-exported for mechanisms)
+
+if TYPE_CHECKING:
+    from attnlab.layers import RotaryEmbedding
+
+
+@dataclass
+class AttentionConfig:
+    """Options common to all mechanisms. Subclasses add their own fields with defaults."""
+
+    name: str = ""
+
+    def validate(self, model: ModelConfig, field: str) -> None:
+        """Cross-check against the model's dimensions; raise ``ConfigError`` naming ``field.<option>``."""
+
+
+class AttentionContext:
+    """What one forward pass shares with every attention layer.
+
+    ``start_pos`` is the absolute position of ``x[:, 0]`` (non-zero while decoding with a cache).
+    Aux losses are summed over layers by name; statistics are stored per layer under
+    ``"<scope>/<name>"`` and only when ``record_stats`` was requested, so they cost nothing in
+    ordinary steps.
+    """
+
+    def __init__(self, rope: RotaryEmbedding | None, start_pos: int = 0, record_stats: bool = False,
+                 *, _aux: dict | None = None, _stats: dict | None = None, _prefix: str = "",
+                 training: bool = False, token_ids: Tensor | None = None):
+        self.rope = rope
+        self.start_pos = start_pos
+        self.aux_losses: dict[str, Tensor] = {} if _aux is None else _aux
+        self.stats: dict[str, Tensor] | None = ({} if record_stats else None) if _stats is None else _stats
+        self.prefix = _prefix
+        self.training = training
+        # (B, T) input token ids, for statistics that relate routing to tokens.
+        self.token_ids = token_ids
+
+    @property
+    def recording(self) -> bool:
+        return self.stats is not None
+
+    def scope(self, name: str) -> AttentionContext:
+        """A view whose statistics are stored under ``<prefix><name>/`` (aux losses stay shared)."""
+        return AttentionContext(self.rope, self.start_pos, _aux=self.aux_losses,
+                                _stats=self.stats, _prefix=f"{self.prefix}{name}/",
+                                training=self.training, token_ids=self.token_ids)
+
+    def add_aux_loss(self, name: str, value: Tensor) -> None:
+        """Add an (already weighted) auxiliary loss; it reaches the total training loss."""
+        self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
+        self.record(f"aux/{name}", value)
+
+    def record(self, name: str, value: Tensor) -> None:
+        if self.stats is not None:
+            self.stats[f"{self.prefix}{name}"] = value.detach()
+
+
+class AttentionCache:
+    """Decoding state of one attention layer for a batch of sequences.
+
+    Subclasses store tensors as attributes; :meth:`nbytes` counts every tensor they hold, so
+    the reported size is measured, not computed.
+    """
+
+    def tensors(self) -> list[Tensor]:
+        found: list[Tensor] = []
+        for value in vars(self).values():
+            if isinstance(value, Tensor):
+                found.append(value)
+            elif isinstance(value, AttentionCache):
+                found.extend(value.tensors())
+            elif isinstance(value, (list, tuple, dict)):
+                items = value.values() if isinstance(value, dict) else value
+                for item in items:
+                    if isinstance(item, Tensor):
+                        found.append(item)
+                    elif isinstance(item, AttentionCache):
+                        found.extend(item.tensors())
+        return found
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class EmptyCache(AttentionCache):
+    """For mechanisms that keep nothing between tokens."""
+
+
+class KVCache(AttentionCache):
+    """Pre-allocated keys and values: ``k`` ``(B, H_kv, S_max, D_k)``, ``v`` ``(B, H_kv, S_max, D_v)``."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, k_dim: int, v_dim: int,
+                 device: torch.device | str | None, dtype: torch.dtype):
+        self.k = torch.zeros(batch_size, n_kv_heads, max_len, k_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch_size, n_kv_heads, max_len, v_dim, device=device, dtype=dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Write ``k, v`` ``(B, H_kv, T, D)`` at positions ``start..start+T`` and return all keys and
+        values seen so far, ``(B, H_kv, start+T, D)``."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache holds {self.max_len} positions; writing up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_mask(q_len: int, k_len: int, start: int, device: torch.device | str) -> Tensor:
+    """Boolean ``(q_len, k_len)`` mask, True where query ``start+i`` may see key ``j`` (``j <= start+i``)."""
+    q_pos = torch.arange(start, start + q_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def sdpa_causal(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float = 0.0) -> Tensor:
+    """Causal softmax attention of ``q`` ``(B, H, T, D)`` over ``k, v`` ``(B, H_kv, S, D)``.
+
+    The last ``T`` keys sit at the queries' positions (``S = start + T``). Uses
+    ``scaled_dot_product_attention``: its fused causal kernel without a cache, a single unmasked
+    row when decoding one token, and an explicit mask for a chunked prefill.
+    """
+    q_len, k_len = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if start == 0 and q_len == k_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+    mask = causal_mask(q_len, k_len, start, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Base class of all token-mixing mechanisms. See the module docstring for the contract."""
+
+    Config: ClassVar[type[AttentionConfig]] = AttentionConfig
+    #: Whether the mechanism applies rotary embeddings itself (the model passes ``ctx.rope``).
+    uses_rope: ClassVar[bool] = True
+
+    def __init__(self, cfg: AttentionConfig, model: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model = model.d_model
+        self.n_heads = model.n_heads
+        self.head_dim = model.head_dim
+        self.attn_dropout = model.attn_dropout
+        self.bias = model.bias
+        self.layer_idx = layer_idx
+
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
+        """``x`` ``(B, T, C)`` -> ``(B, T, C)``. With ``cache``, ``x`` continues the cached sequence
+        at position ``ctx.start_pos`` and the cache is updated in place."""
+        raise NotImplementedError
+
+    def init_cache(self, batch_size: int, max_len: int, device: torch.device | str | None,
+                   dtype: torch.dtype) -> AttentionCache:
+        """An empty decoding state able to hold ``max_len`` positions."""
+        raise NotImplementedError
+
+    def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype) -> int:
+        """Closed form of the bytes :meth:`init_cache` holds for ``context_len`` positions."""
+        raise NotImplementedError
+
+    def reset_mechanism_parameters(self) -> None:
+        """Re-initialise parameters that the generic GPT-2 init must not touch (gates, decays...).
+
+        Called by the model after its normal(0, 0.02) initialisation of every Linear/Embedding."""
+
+    @property
+    def dropout_p(self) -> float:
+        return self.attn_dropout if self.training else 0.0
+
+    def extra_repr(self) -> str:
+        fields = {k: v for k, v in vars(self.cfg).items() if k != "name"}
+        return f"name={self.cfg.name!r}" + "".join(f", {k}={v!r}" for k, v in fields.items())
+
+
+def softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,123 @@
+"""Name -> mechanism registry, and resolution of attention configs into validated specs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnlab.config import ConfigError, ModelConfig, from_dict
+from attnlab.paths import CONF_DIR
+
+from .base import Attention, AttentionConfig
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    cls: type[Attention]
+    #: Config fields this name pins (e.g. ``mqa`` pins ``n_kv_heads=1``).
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def register_attention(name: str, **fixed: Any):
+    """Class decorator: make ``cls`` selectable as ``attention.name=<name>``.
+
+    Keyword arguments pin config fields for this name, so one implementation can serve several
+    names (``mha``, ``gqa`` and ``mqa`` are one class with different ``n_kv_heads``).
+    """
+
+    def decorator(cls: type[Attention]) -> type[Attention]:
+        if not (isinstance(cls, type) and issubclass(cls, Attention)):
+            raise TypeError(f"@register_attention({name!r}) needs an Attention subclass, got {cls!r}")
+        known = {f for f in cls.Config.__dataclass_fields__}
+        unknown = set(fixed) - known
+        if unknown:
+            raise TypeError(f"@register_attention({name!r}) pins unknown fields {sorted(unknown)} of {cls.__name__}")
+        previous = _REGISTRY.get(name)
+        if previous is not None and previous.cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"attention name {name!r} is already registered by {previous.cls.__qualname__}")
+        _REGISTRY[name] = Registration(name, cls, dict(fixed))
+        return cls
+
+    return decorator
+
+
+def registered_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_registration(name: str, field: str = "attention.name") -> Registration:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(field, name, "registered mechanisms " + ", ".join(registered_names()),
+                          reason="unknown attention mechanism") from None
+
+
+def preset_names() -> list[str]:
+    """The attention presets shipped as ``conf/attention/*.yaml``."""
+    return sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "attention" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A validated choice of mechanism: its registration and typed config."""
+
+    registration: Registration
+    config: AttentionConfig
+
+    @property
+    def name(self) -> str:
+        return self.registration.name
+
+    def build(self, model: ModelConfig, layer_idx: int) -> Attention:
+        return self.registration.cls(self.config, model, layer_idx)
+
+
+def resolve_attention(spec: str | Mapping[str, Any], model: ModelConfig, field: str = "attention") -> AttentionSpec:
+    """Turn a config entry into a validated :class:`AttentionSpec`.
+
+    ``spec`` is a mapping with ``name`` and the mechanism's options, or a string: a preset from
+    ``conf/attention/`` (``"gqa_2"``) or a registered name with default options (``"mqa"``).
+    """
+    if isinstance(spec, str):
+        if spec in preset_names():
+            spec = load_preset(spec)
+        elif spec in _REGISTRY:
+            spec = {"name": spec}
+        else:
+            raise ConfigError(field, spec, "presets " + ", ".join(preset_names())
+                              + "; registered mechanisms " + ", ".join(registered_names()),
+                              reason="unknown attention preset or mechanism")
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(field, spec, "a preset name or a mapping with a 'name' key")
+    values = dict(spec)
+    registration = get_registration(values["name"], f"{field}.name")
+    for key, pinned in registration.fixed.items():
+        if key in values and values[key] != pinned:
+            raise ConfigError(f"{field}.{key}", values[key], repr(pinned),
+                              reason=f"fixed for '{registration.name}'; choose another mechanism to change it")
+        values[key] = pinned
+    config = from_dict(registration.cls.Config, values, prefix=field)
+    config.validate(model, field)
+    return AttentionSpec(registration, config)
+
+
+def resolve_layer_attention(attention: str | Mapping[str, Any], model: ModelConfig) -> list[AttentionSpec]:
+    """One spec per layer: ``model.layer_attention`` when given, else ``attention`` everywhere."""
+    if model.layer_attention is None:
+        spec = resolve_attention(attention, model, "attention")
+        return [spec] * model.n_layers
+    return [resolve_attention(entry, model, f"model.layer_attention[{i}]")
+            for i, entry in enumerate(model.layer_attention)]

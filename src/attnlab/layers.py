@@ -1,0 +1,89 @@
+"""Building blocks shared by the model and the mechanisms: rotary embeddings, norms, MLPs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.config import ModelConfig
+
+
+def mark_residual_projection(linear: nn.Linear) -> nn.Linear:
+    """Flag a projection that writes into the residual stream: GPT-2 init scales its std by 1/sqrt(2L)."""
+    linear.is_residual_projection = True  # type: ignore[attr-defined]
+    return linear
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables (rotate-half convention, as in GPT-NeoX and Llama).
+
+    Mechanisms ask for the rotary dimension they need (MLA rotates only ``qk_rope_head_dim``
+    channels), so tables are cached per ``(dim, device)`` and grown on demand.
+    """
+
+    def __init__(self, theta: float = 10000.0):
+        super().__init__()
+        self.theta = theta
+        self._tables: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+    def _table(self, dim: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (dim, str(device))
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < length:
+            size = max(length, 2 * table[0].shape[0] if table is not None else length)
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
+            angles = torch.outer(torch.arange(size, device=device, dtype=torch.float64), inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)
+            table = (angles.cos().float(), angles.sin().float())
+            self._tables[key] = table
+        return table
+
+    def cos_sin(self, dim: int, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of shape ``(length, dim)`` for positions ``start..start+length``."""
+        cos, sin = self._table(dim, start + length, device)
+        return cos[start:start + length], sin[start:start + length]
+
+    def rotate(self, x: Tensor, start: int) -> Tensor:
+        """Rotate ``x`` ``(..., T, D)`` whose time axis begins at absolute position ``start``."""
+        cos, sin = self.cos_sin(x.shape[-1], start, x.shape[-2], x.device)
+        return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]`` over the last dim."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = cfg.d_model if dim is None else dim
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: SwiGLU ``W2(silu(W1 x) * W3 x)`` or GELU ``W2 gelu(W1 x)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.d_ff
+        if self.kind == "swiglu":
+            # gate and up projections fused into one matmul
+            self.up = nn.Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)
+        else:
+            self.up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.down = mark_residual_projection(nn.Linear(hidden, cfg.d_model, bias=cfg.bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, C) -> (B, T, C)``"""
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)

@@ -1,0 +1,202 @@
+"""The LightningModule: task loss + auxiliary losses, exact evaluation, AdamW with cosine warmup."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from attnlab.attention import resolve_layer_attention
+from attnlab.config import ModelConfig, OptimConfig, from_dict, to_container
+from attnlab.model import GPT
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states in checkpoint-safe types (tensors and ints load with ``weights_only``)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LitLM(L.LightningModule):
+    """A GPT trained on next-token prediction.
+
+    Args:
+        model: the ``model`` config group (see :class:`attnlab.config.ModelConfig`), with ``vocab_size`` set.
+        attention: the ``attention`` config group (a mapping with ``name``, or a preset name).
+        optim: the ``optim`` config group (see :class:`attnlab.config.OptimConfig`).
+        compile: compile the model's forward with ``torch.compile``.
+    """
+
+    def __init__(self, model: Mapping[str, Any], attention: Any, optim: Mapping[str, Any] | None = None,
+                 compile: bool = False):
+        super().__init__()
+        model, attention, optim = to_container(model), to_container(attention), to_container(optim or {})
+        self.save_hyperparameters({"model": model, "attention": attention, "optim": optim, "compile": compile})
+        self.model_cfg = from_dict(ModelConfig, model, "model")
+        self.optim_cfg = from_dict(OptimConfig, optim, "optim")
+        self.model = GPT(self.model_cfg, resolve_layer_attention(attention, self.model_cfg))
+        if compile:
+            self.model.compile()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        #: Set by callbacks for the steps whose router/head statistics they want.
+        self.record_stats = False
+        self.last_stats: dict[str, torch.Tensor] | None = None
+        self.last_aux_losses: dict[str, float] = {}
+        self.val_curve: list[dict[str, float]] = []
+        self.train_curve: list[dict[str, float]] = []
+        self._rng_to_restore: Mapping[str, Any] | None = None
+        self._step_started = 0.0
+        self.timed_steps = 0
+        self.timed_tokens = 0
+        self.timed_seconds = 0.0
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, **kwargs):
+        return self.model(idx, targets, **kwargs)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self.model(x, y, record_stats=self.record_stats)
+        loss = out.loss
+        self.log("train/loss", out.loss, prog_bar=True)
+        if out.aux_losses:
+            aux_total = sum(out.aux_losses.values())
+            loss = loss + aux_total
+            for name, value in out.aux_losses.items():
+                self.log(f"train/aux/{name}", value)
+            self.log("train/total_loss", loss)
+            self.last_aux_losses = {k: float(v.detach()) for k, v in out.aux_losses.items()}
+        self.last_stats = out.stats
+        step = self.global_step + 1
+        if step % max(1, self.trainer.log_every_n_steps) == 0 or step == 1:
+            self.train_curve.append({"step": step, "loss": float(out.loss.detach())})
+        return loss
+
+    def _eval_step(self, batch, metric: MeanMetric) -> None:
+        x, y = batch
+        out = self.model(x, y)
+        metric.update(out.loss_sum / out.n_tokens.clamp(min=1), weight=out.n_tokens)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+        if not self.trainer.sanity_checking:
+            self.val_curve.append({"step": self.global_step, "loss": float(loss)})
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/ppl", torch.exp(loss))
+
+    # ------------------------------------------------------------------ throughput
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        # the first steps pay for allocation and compilation; they are not timed
+        if batch_idx >= 2:
+            self.timed_steps += 1
+            self.timed_tokens += batch[0].numel()
+            self.timed_seconds += time.perf_counter() - self._step_started
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Training tokens per second on this process (world size times this across ranks)."""
+        return self.timed_tokens / self.timed_seconds if self.timed_seconds > 0 else None
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        embedding_params = {id(p) for m in self.model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # matrices decay; norms, biases, gates and embeddings do not
+            (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = cfg.fused
+        if fused is None:
+            fused = self.device.type in ("cuda", "cpu")
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        scheduler = LambdaLR(optimizer, lr_schedule(cfg, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.optim_cfg.grad_clip is None and gradient_clip_val is None:
+            return
+        max_norm = gradient_clip_val or self.optim_cfg.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        self.log("train/grad_norm", norm)
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["attnlab"] = {
+            "rng": _rng_state(),
+            "val_curve": self.val_curve,
+            "train_curve": self.train_curve,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("attnlab", {})
+        self._rng_to_restore = extra.get("rng")
+        self.val_curve = list(extra.get("val_curve", []))
+        self.train_curve = list(extra.get("train_curve", []))
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int):
+    """Multiplier of ``cfg.lr`` at optimizer step ``s``: linear warmup, then cosine to ``min_lr_ratio``."""
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,210 @@
+"""A GPT whose every layer's token mixer comes from the attention registry.
+
+Pre-norm decoder blocks (``x + attn(norm(x))``, ``x + mlp(norm(x))``), rotary or learned
+positions, tied or untied LM head, GPT-2 initialisation. The loss is computed by the fused
+chunked LM-head cross-entropy (:mod:`attnlab.loss`) so the ``(B, T, V)`` logits never exist
+during training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.attention import Attention, AttentionCache, AttentionContext, AttentionSpec, resolve_layer_attention
+from attnlab.config import ModelConfig
+from attnlab.layers import MLP, RotaryEmbedding, make_norm
+from attnlab.loss import IGNORE_INDEX, linear_cross_entropy
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` ``(B, T, V)`` (or ``(B, 1, V)`` with ``last_only``) when no targets were given;
+    otherwise ``loss`` (mean over counted tokens), ``loss_sum`` and ``n_tokens``."""
+
+    logits: Tensor | None = None
+    loss: Tensor | None = None
+    loss_sum: Tensor | None = None
+    n_tokens: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] | None = None
+
+
+class ModelCache:
+    """Decoding state of the whole model: one :class:`AttentionCache` per layer and the position."""
+
+    def __init__(self, layers: list[AttentionCache], max_len: int):
+        self.layers = layers
+        self.max_len = max_len
+        self.pos = 0
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: AttentionSpec, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn: Attention = spec.build(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None) -> Tensor:
+        """``(B, T, C) -> (B, T, C)``"""
+        x = x + self.dropout(self.attn(self.attn_norm(x), ctx, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: list[AttentionSpec]):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (it is taken from the tokenizer at start-up)")
+        if len(attention) != cfg.n_layers:
+            raise ValueError(f"need one attention spec per layer ({cfg.n_layers}), got {len(attention)}")
+        self.cfg = cfg
+        self.attention_specs = attention
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.rope = RotaryEmbedding(cfg.rope_theta) if cfg.pos_encoding == "rope" else None
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, spec, i) for i, spec in enumerate(attention))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, model: Mapping[str, Any] | ModelConfig, attention: Any = "mha", **overrides: Any) -> GPT:
+        """Build from plain config values (validated): ``GPT.from_config({...}, "gqa_2")``."""
+        from attnlab.config import from_dict
+
+        if not isinstance(model, ModelConfig):
+            model = from_dict(ModelConfig, {**model, **overrides}, "model")
+        return cls(model, resolve_layer_attention(attention, model))
+
+    # ----------------------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L).
+
+        The tied embedding must get this std too: left at PyTorch's N(0, 1) it saturates the
+        softmax and the LM head's gradients turn denormal (8x slower CPU training)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_projection", False) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.reset_mechanism_parameters()
+
+    # ----------------------------------------------------------------------------- forward
+    @property
+    def lm_weight(self) -> Tensor:
+        """``(V, C)`` LM-head weight (the token embedding when tied)."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: ModelCache | None = None,
+                record_stats: bool = False, last_only: bool = False) -> ModelOutput:
+        """``idx`` ``(B, T)`` token ids; ``targets`` ``(B, T)`` next-token ids (``-100`` = not counted).
+
+        With ``cache`` the tokens continue the cached sequence and the cache advances by ``T``."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.cfg.max_seq_len
+        if start + T > limit or (self.pos_emb is not None and start + T > self.cfg.max_seq_len):
+            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        x = self.emb_dropout(x)
+        ctx = AttentionContext(self.rope, start, record_stats, training=self.training, token_ids=idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx.scope(f"layer{i}"), cache.layers[i] if cache is not None else None)
+        x = self.final_norm(x)
+        if cache is not None:
+            cache.pos += T
+
+        out = ModelOutput(aux_losses=ctx.aux_losses, stats=ctx.stats)
+        if targets is None:
+            if last_only:
+                x = x[:, -1:]
+            out.logits = F.linear(x, self.lm_weight).float()
+            return out
+        out.loss_sum, out.n_tokens = linear_cross_entropy(
+            x.reshape(B * T, -1), self.lm_weight, targets.reshape(-1), self.cfg.loss_chunk_size, IGNORE_INDEX)
+        out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        return out
+
+    # ----------------------------------------------------------------------------- decoding
+    def init_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> ModelCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` positions."""
+        max_len = max_len or self.cfg.max_seq_len
+        param = self.tok_emb.weight
+        dtype = dtype or param.dtype
+        return ModelCache([block.attn.init_cache(batch_size, max_len, param.device, dtype) for block in self.blocks], max_len)
+
+    def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype | None = None) -> int:
+        """Closed form of :meth:`init_cache`'s bytes for ``context_len`` positions."""
+        dtype = dtype or self.tok_emb.weight.dtype
+        return sum(block.attn.cache_bytes(batch_size, context_len, dtype) for block in self.blocks)
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` continuations of ``idx`` ``(B, T)`` with a KV cache.
+
+        ``temperature=0`` is greedy decoding; ``top_k`` keeps the k most likely tokens."""
+        was_training = self.training
+        self.eval()
+        try:
+            total = idx.shape[1] + max_new_tokens
+            if self.pos_emb is not None and total > self.cfg.max_seq_len:
+                raise ValueError(f"learned positions stop at {self.cfg.max_seq_len}; asked for {total}")
+            cache = self.init_cache(idx.shape[0], total)
+            logits = self(idx, cache=cache, last_only=True).logits
+            out = [idx]
+            for step in range(max_new_tokens):
+                next_logits = logits[:, -1]
+                if temperature == 0:
+                    token = next_logits.argmax(dim=-1, keepdim=True)
+                else:
+                    next_logits = next_logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(next_logits, min(top_k, next_logits.shape[-1])).values[:, -1:]
+                        next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
+                    token = torch.multinomial(next_logits.softmax(dim=-1), 1, generator=generator)
+                out.append(token)
+                if step + 1 < max_new_tokens:
+                    logits = self(token, cache=cache, last_only=True).logits
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+    # ----------------------------------------------------------------------------- accounting
+    def parameter_counts(self) -> dict[str, int]:
+        """Unique parameters by part: embeddings, attention, feed_forward, norms, lm_head, total."""
+        def count(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+        counts = {
+            "embeddings": count(self.tok_emb) + count(self.pos_emb),
+            "attention": sum(count(b.attn) for b in self.blocks),
+            "feed_forward": sum(count(b.mlp) for b in self.blocks),
+            "norms": sum(count(b.attn_norm) + count(b.mlp_norm) for b in self.blocks) + count(self.final_norm),
+            "lm_head": count(self.lm_head),
+        }
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        counts["non_embedding"] = counts["total"] - counts["embeddings"]
+        return counts

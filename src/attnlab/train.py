@@ -1,0 +1,176 @@
+"""The training run behind ``train.py``: validate, load data, fit, test, write the run's results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from attnlab.attention import AttentionSpec, resolve_layer_attention
+from attnlab.config import ConfigError, ModelConfig, OptimConfig, from_dict, require, to_container
+
+log = logging.getLogger("attnlab")
+
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@dataclass
+class RunSetup:
+    """Everything validated at start-up, before any data is loaded."""
+
+    model: ModelConfig
+    attention: list[AttentionSpec]
+    optim: OptimConfig
+    datamodule: Any
+    output_dir: Path
+
+
+def validate(cfg: DictConfig) -> RunSetup:
+    """Check the whole composed config; raise :class:`ConfigError` naming the first bad field."""
+    from hydra.utils import instantiate
+
+    from attnlab.data.datamodule import check_block_size
+
+    require(isinstance(cfg.get("seed"), int), "seed", cfg.get("seed"), "an integer")
+    require(cfg.get("matmul_precision") in MATMUL_PRECISIONS, "matmul_precision", cfg.get("matmul_precision"),
+            " | ".join(MATMUL_PRECISIONS))
+    require(isinstance(cfg.get("compile"), bool), "compile", cfg.get("compile"), "true | false")
+    precision = cfg.get("precision")
+    require(precision is None or str(precision) in PRECISIONS, "precision", precision,
+            "null (the trainer's default) | " + " | ".join(PRECISIONS))
+    require(str(cfg.trainer.get("precision")) in PRECISIONS, "trainer.precision", cfg.trainer.get("precision"),
+            " | ".join(PRECISIONS))
+    max_steps = cfg.trainer.get("max_steps", -1)
+    require(isinstance(max_steps, int) and (max_steps >= 1 or max_steps == -1), "trainer.max_steps", max_steps,
+            "an integer >= 1 (or -1 for one pass over the training split)")
+    model = from_dict(ModelConfig, to_container(cfg.model), "model")
+    attention = resolve_layer_attention(to_container(cfg.attention), model)
+    optim = from_dict(OptimConfig, to_container(cfg.optim), "optim")
+    datamodule = instantiate(cfg.data, _convert_="all")
+    check_block_size(datamodule.block_size, model.max_seq_len)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None:
+        require(Path(ckpt_path).is_file(), "ckpt_path", ckpt_path, "an existing checkpoint file or null",
+                reason="file not found")
+    return RunSetup(model, attention, optim, datamodule, Path(cfg.paths.output_dir))
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    from hydra.utils import instantiate
+
+    if not group:
+        return []
+    return [instantiate(node, _convert_="all") for node in group.values() if node is not None and "_target_" in node]
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, validate and test one configuration; returns (and writes) its ``metrics.json``."""
+    import lightning as L
+
+    from attnlab.checkpoint import AtomicCheckpointIO
+    from attnlab.lit_module import LitLM
+
+    started = time.time()
+    setup = validate(cfg)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = setup.datamodule
+    corpus = datamodule.prepare_corpus()
+    model_values = to_container(cfg.model)
+    if model_values.get("vocab_size") is None:
+        model_values["vocab_size"] = corpus.vocab_size
+    elif model_values["vocab_size"] < corpus.vocab_size:
+        raise ConfigError("model.vocab_size", model_values["vocab_size"],
+                          f"null or >= the tokenizer's {corpus.vocab_size} ids")
+    module = LitLM(model_values, to_container(cfg.attention), to_container(cfg.optim), compile=cfg.compile)
+
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer_overrides: dict[str, Any] = {"use_distributed_sampler": False, "plugins": [AtomicCheckpointIO()]}
+    if cfg.get("precision") is not None:
+        trainer_overrides["precision"] = cfg.precision
+    from hydra.utils import instantiate
+
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_overrides)
+
+    params = module.model.parameter_counts()
+    resolved = to_container(cfg)
+    if trainer.is_global_zero:
+        setup.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(setup.output_dir / "config.json", resolved)
+        log.info("parameters: %s", params)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**resolved, "params": params})
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.time() - started
+    validated_at_end = bool(module.val_curve) and module.val_curve[-1]["step"] == trainer.global_step
+    if trainer.limit_val_batches and not validated_at_end and not trainer.fast_dev_run:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    # curves and speed before test() possibly reloads the best checkpoint (and its older curves)
+    val_curve, train_curve = list(module.val_curve), list(module.train_curve)
+    tokens_per_second = module.tokens_per_second
+    best_path = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "best_model_path", "")), "")
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+    test_loss = test_results[0].get("test/loss") if test_results else None
+
+    final_val = val_curve[-1]["loss"] if val_curve else None
+    best_val = min((p["loss"] for p in val_curve), default=None)
+    world = trainer.world_size
+    metrics = {
+        "status": "completed",
+        "attention": to_container(cfg.attention),
+        "attention_preset": cfg.get("attention_preset"),
+        "model": cfg.model.get("name"),
+        "seed": cfg.seed,
+        "steps": trainer.global_step,
+        "final_val_loss": final_val,
+        "final_val_ppl": math.exp(final_val) if final_val is not None else None,
+        "best_val_loss": best_val,
+        "test_loss": float(test_loss) if test_loss is not None else None,
+        "test_ppl": math.exp(float(test_loss)) if test_loss is not None else None,
+        "test_checkpoint": Path(best_path).name if best_path else "final weights",
+        "val_curve": val_curve,
+        "train_curve": train_curve,
+        "train_tokens_per_sec": tokens_per_second * world if tokens_per_second else None,
+        "params": params,
+        "kv_cache_bytes_per_token": module.model.cache_bytes(1, module.model_cfg.max_seq_len, torch.float32)
+        / module.model_cfg.max_seq_len,
+        "wall_time_s": time.time() - started,
+        "fit_time_s": fit_seconds,
+        "world_size": world,
+        "output_dir": str(setup.output_dir),
+        **_peak_memory_mb(module.device),
+    }
+    if trainer.is_global_zero:
+        write_json(setup.output_dir / "metrics.json", metrics)
+        log.info("final validation loss %s, test loss %s, %s tokens/s", final_val, metrics["test_loss"],
+                 metrics["train_tokens_per_sec"])
+    return metrics

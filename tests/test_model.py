@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+
+from attnlab.config import ConfigError, ModelConfig
+from attnlab.model import GPT
+from tests.conftest import TINY_MODEL
+
+
+def test_gpt2_initialisation():
+    model = GPT.from_config({**TINY_MODEL, "d_model": 256, "n_heads": 4, "d_ff": 1024, "n_layers": 8}, "mha")
+    std = lambda t: t.detach().std().item()  # noqa: E731
+    assert math.isclose(std(model.tok_emb.weight), 0.02, rel_tol=0.05)
+    assert math.isclose(std(model.blocks[0].attn.qkv_proj.weight), 0.02, rel_tol=0.05)
+    residual = 0.02 / math.sqrt(2 * 8)
+    assert math.isclose(std(model.blocks[3].attn.out_proj.weight), residual, rel_tol=0.05)
+    assert math.isclose(std(model.blocks[3].mlp.down.weight), residual, rel_tol=0.05)
+    assert torch.all(model.blocks[0].attn_norm.weight == 1)
+
+
+def test_initial_loss_is_near_uniform():
+    """With GPT-2 init the untrained model predicts close to uniformly: loss ~ ln(V)."""
+    model = GPT.from_config({**TINY_MODEL, "vocab_size": 1000}, "mha")
+    idx = torch.randint(0, 1000, (4, 64))
+    loss = model(idx, targets=idx.roll(-1, 1)).loss.item()
+    assert abs(loss - math.log(1000)) < 0.1
+
+
+def test_tied_and_untied_embeddings():
+    tied = GPT.from_config(TINY_MODEL, "mha")
+    untied = GPT.from_config({**TINY_MODEL, "tie_embeddings": False}, "mha")
+    assert tied.lm_weight is tied.tok_emb.weight
+    assert untied.parameter_counts()["lm_head"] == 97 * 64
+    assert untied.parameter_counts()["total"] == tied.parameter_counts()["total"] + 97 * 64
+
+
+def test_parameter_breakdown_adds_up():
+    model = GPT.from_config({**TINY_MODEL, "pos_encoding": "learned", "tie_embeddings": False}, "gqa_2")
+    c = model.parameter_counts()
+    assert c["total"] == c["embeddings"] + c["attention"] + c["feed_forward"] + c["norms"] + c["lm_head"]
+    assert c["embeddings"] == 97 * 64 + 64 * 64
+    assert c["feed_forward"] == 2 * (64 * 2 * 128 + 128 * 64)  # SwiGLU: fused gate+up, down
+    assert c["attention"] == 2 * (2 * 64 * 64 + 2 * 64 * 2 * 16)
+
+
+@pytest.mark.parametrize("overrides", [{"pos_encoding": "learned"}, {"norm": "layernorm", "mlp": "gelu", "bias": True}])
+def test_model_variants_decode_like_full_forward(overrides):
+    model = GPT.from_config({**TINY_MODEL, **overrides}, "gqa").eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = model.init_cache(2, 20)
+        steps = [model(idx[:, :8], cache=cache).logits] + [model(idx[:, t:t + 1], cache=cache).logits for t in range(8, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_greedy_matches_argmax_of_full_forward():
+    model = GPT.from_config(TINY_MODEL, "mha").eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert out.shape == (2, 11)
+    seq = prompt
+    for _ in range(6):  # the slow way: full forward each step
+        nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_top_k_sampling_stays_in_top_k():
+    model = GPT.from_config(TINY_MODEL, "mha").eval()
+    prompt = torch.randint(0, 97, (1, 4))
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(prompt, 1, temperature=1.0, top_k=3, generator=g)
+    top3 = model(prompt).logits[0, -1].topk(3).indices
+    assert out[0, -1] in top3
+
+
+def test_learned_positions_limit():
+    model = GPT.from_config({**TINY_MODEL, "pos_encoding": "learned"}, "mha")
+    with pytest.raises(ValueError, match="exceeds"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_cache_reports_bytes():
+    model = GPT.from_config(TINY_MODEL, "mqa")
+    cache = model.init_cache(1, 32)
+    # 2 layers x (K and V) x 1 KV head x 16 dims x 32 positions x 4 bytes
+    assert cache.nbytes() == 2 * 2 * 1 * 16 * 32 * 4 == model.cache_bytes(1, 32)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("n_heads", 5, r"must divide model\.d_model; allowed: divisors of model\.d_model=64"),
+    ("pos_encoding", "alibi", r"allowed: 'rope' \| 'learned'"),
+    ("dropout", 1.5, r"allowed: a probability in \[0, 1\)"),
+    ("d_model", 0, r"allowed: an integer >= 1"),
+])
+def test_invalid_model_config_names_field_value_and_allowed(field, value, allowed):
+    from attnlab.config import from_dict
+
+    with pytest.raises(ConfigError, match=rf"model\.{field}={value!r}.*{allowed}"):
+        from_dict(ModelConfig, {**TINY_MODEL, field: value}, "model")
+
+
+def test_unknown_model_field():
+    from attnlab.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"model\.n_layer=4: unknown option for model; allowed: the fields"):
+        from_dict(ModelConfig, {**TINY_MODEL, "n_layer": 4}, "model")
