@@ -1,0 +1,28 @@
+"""Test utilities shared across test modules."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out
+
+
+def largest_intermediate(fn, *args, **kwargs) -> tuple[int, str]:
+    """Run ``fn`` and return the element count of the largest tensor any ATen op produced (and
+    that op's name): an algorithmic memory bound that does not depend on timing."""
+    with _LargestTensor() as mode:
+        fn(*args, **kwargs)
+    return mode.largest, mode.op
