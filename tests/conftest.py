@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Tests never reach the network: Hugging Face libraries must fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The real WikiText-2 / GPT-2 files, present beside the repository in CI.

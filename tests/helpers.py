@@ -26,3 +26,18 @@ def largest_intermediate(fn, *args, **kwargs) -> tuple[int, str]:
     with _LargestTensor() as mode:
         fn(*args, **kwargs)
     return mode.largest, mode.op
+
+
+class StopAtStep:
+    """A Lightning callback that ends fitting after ``step`` optimizer steps (an interruption that
+    leaves the normal end-of-fit checkpoint behind)."""
+
+    def __new__(cls, step: int):
+        from lightning.pytorch.callbacks import Callback
+
+        class _StopAtStep(Callback):
+            def on_train_batch_end(self, trainer, *args, **kwargs):
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        return _StopAtStep()

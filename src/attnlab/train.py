@@ -112,6 +112,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; logger=none should still train
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer_overrides: dict[str, Any] = {"use_distributed_sampler": False, "plugins": [AtomicCheckpointIO()]}
     if cfg.get("precision") is not None:
         trainer_overrides["precision"] = cfg.precision
