@@ -96,6 +96,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from attnlab.lit_module import LitLM
 
     started = time.time()
+    # Lightning prints through its own handler and, via propagation, through Hydra's: keep one.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     setup = validate(cfg)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
