@@ -1,0 +1,201 @@
+"""Sliding-window attention: causal softmax attention restricted to the most recent keys.
+
+Convention: token ``t`` attends to the ``window`` most recent positions, itself included,
+i.e. keys ``s`` with ``t - window < s <= t`` (``window=1`` sees only itself). With
+``window >= T`` this is ordinary causal attention. Projections, heads (``n_kv_heads`` for
+GQA/MQA) and RoPE are those of :class:`GroupedQueryAttention`; only the attention core and the
+cache differ (Beltagy et al. 2020; Child et al. 2019; as used by Mistral 7B).
+
+Cost is O(T * window) in time and memory:
+
+* on CUDA (no cache, no attention dropout) flex attention with a sliding-window block mask,
+  which skips the key blocks outside the band;
+* elsewhere a blocked computation: queries are split into blocks of ``b`` rows; block ``m``
+  gathers only the ``b + window - 1`` keys that any of its rows can see and applies one band
+  mask, and a single ``scaled_dot_product_attention`` call runs all blocks as a batch.
+
+The decode cache is a rolling buffer of ``W = min(window, max_len)`` slots per layer, keys and
+values ``(B, H_kv, W, D)``; absolute position ``p`` lives in slot ``p % W``, so the cache
+never grows past ``window`` tokens: ``2 * B * H_kv * D * min(window, context)`` elements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.config import ModelConfig, require
+
+from .base import AttentionCache, AttentionContext, sdpa_causal
+from .gqa import GQAConfig, GroupedQueryAttention
+from .registry import register_attention
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # older torch: the blocked path serves every device
+    create_block_mask = flex_attention = None
+
+
+@dataclass
+class SlidingWindowConfig(GQAConfig):
+    #: Keys visible to token t: positions s with t - window < s <= t (itself included).
+    window: int = 256
+    #: Query rows per block of the blocked (non-flex) path; null: min(window, 128). Each block
+    #: scores b + window - 1 keys, so smaller blocks waste less on masked scores but gather
+    #: more key/value copies ((b + window - 1) / b per key).
+    block_size: int | None = None
+
+    def validate(self, model: ModelConfig, field: str) -> None:
+        super().validate(model, field)
+        require(isinstance(self.window, int) and self.window >= 1, f"{field}.window", self.window,
+                "an integer >= 1")
+        if self.block_size is not None:
+            require(isinstance(self.block_size, int) and self.block_size >= 1, f"{field}.block_size",
+                    self.block_size, "an integer >= 1, or null for min(window, 128)")
+
+
+class RollingKVCache(AttentionCache):
+    """Keys and values of the last ``W`` positions: ``k, v`` ``(B, H_kv, W, D)``, position ``p`` in slot ``p % W``."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, slots: int, head_dim: int,
+                 device: torch.device | str | None, dtype: torch.dtype):
+        self.k = torch.zeros(batch_size, n_kv_heads, slots, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch_size, n_kv_heads, slots, head_dim, device=device, dtype=dtype)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, k: Tensor, v: Tensor, start: int) -> None:
+        """Store ``k, v`` ``(B, H_kv, T, D)`` of positions ``start..start+T``; only the last ``W`` survive."""
+        keep = min(k.shape[2], self.slots)
+        end = start + k.shape[2]
+        slot = torch.arange(end - keep, end, device=k.device) % self.slots
+        self.k.index_copy_(2, slot, k[:, :, -keep:])
+        self.v.index_copy_(2, slot, v[:, :, -keep:])
+
+    def recent(self, end: int, count: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions ``end-count..end``, in order: ``(B, H_kv, count, D)``."""
+        slot = torch.arange(end - count, end, device=self.k.device) % self.slots
+        return self.k.index_select(2, slot), self.v.index_select(2, slot)
+
+
+@functools.lru_cache(maxsize=8)
+def _sliding_block_mask(window: int, seq_len: int, device: torch.device):
+    """Flex-attention block mask of the band ``q - window < kv <= q`` (built once per shape)."""
+
+    def in_window(batch, head, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(in_window, None, None, seq_len, seq_len, device=device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Uncompiled flex attention runs an unfused reference path; compile once per process.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _key_spans(x: Tensor, pad_front: int, pad_end: int, span: int, step: int) -> Tensor:
+    """``(B, H_kv, S, D)`` -> ``(B * n_blocks, H_kv, span, D)``: the keys of each query block."""
+    B, H_kv, _, D = x.shape
+    spans = F.pad(x, (0, 0, pad_front, pad_end)).unfold(2, span, step)  # (B, H_kv, n_blocks, D, span), a view
+    return spans.permute(0, 2, 1, 4, 3).reshape(-1, H_kv, span, D)  # the copy: O(T * span / step) keys
+
+
+def banded_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_prefix: int, block: int,
+                     dropout_p: float = 0.0) -> Tensor:
+    """Sliding-window attention by query blocks, O(T * (block + window)) memory.
+
+    ``q`` ``(B, H, T, D)``; ``k, v`` ``(B, H_kv, n_prefix + T, D)``: ``n_prefix <= window - 1``
+    earlier keys (from a cache) followed by the queries' own keys. Returns ``(B, T, H * D)``.
+    """
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    b = min(block, T)
+    n_blocks = math.ceil(T / b)
+    span = b + window - 1  # keys any row of one block may see
+    pad_end = n_blocks * b - T
+    # Front padding puts query row r's own key at padded index r + window - 1 for every block.
+    pad_front = window - 1 - n_prefix
+
+    # Blocks become batch rows, (B * n_blocks, heads, rows, D): 4-D inputs with a boolean mask
+    # take the fused CPU kernel (5-D inputs or overlapping strided views fall back to slow paths).
+    q_blocks = F.pad(q, (0, 0, 0, pad_end)).view(B, H, n_blocks, b, D).transpose(1, 2).reshape(-1, H, b, D)
+    k_blocks = _key_spans(k, pad_front, pad_end, span, b)
+    v_blocks = _key_spans(v, pad_front, pad_end, span, b)
+
+    # Row i of a block sits at span index i + window - 1, so the band t - window < s <= t is
+    # i <= j <= i + window - 1 in every block; padding keys before the sequence are hidden too.
+    row = torch.arange(b, device=q.device)[:, None]
+    col = torch.arange(span, device=q.device)[None, :]
+    band = (col >= row) & (col <= row + window - 1)  # (b, span)
+    padded_index = torch.arange(n_blocks, device=q.device)[:, None] * b + col  # (n_blocks, span)
+    mask = band & (padded_index >= pad_front)[:, None, :]  # (n_blocks, b, span)
+    mask = mask.expand(B, n_blocks, b, span).reshape(B * n_blocks, 1, b, span)
+
+    y = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask,
+                                       dropout_p=dropout_p, enable_gqa=H_kv != H)  # (B * n_blocks, H, b, D)
+    return y.view(B, n_blocks, H, b, D).transpose(2, 3).reshape(B, n_blocks * b, H * D)[:, :T]
+
+
+@register_attention("sliding")
+class SlidingWindowAttention(GroupedQueryAttention):
+    Config = SlidingWindowConfig
+
+    def __init__(self, cfg: SlidingWindowConfig, model: ModelConfig, layer_idx: int):
+        super().__init__(cfg, model, layer_idx)
+        self.window = cfg.window
+        self.block_size = cfg.block_size or min(cfg.window, 128)
+
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        start = ctx.start_pos
+        q, k, v = self.project(x, ctx)
+        if cache is None:
+            return self.out_proj(self.attend(q, k, v, n_prefix=0))
+        assert isinstance(cache, RollingKVCache)
+        if cache.slots < self.window and start + T > cache.slots:
+            raise RuntimeError(f"sliding-window cache holds {cache.slots} positions; writing up to {start + T}")
+        if T == 1:
+            # The buffer, once written, holds exactly the visible keys (in slot order, which
+            # softmax attention does not care about): no mask, no gather.
+            cache.write(k, v, start)
+            filled = min(start + 1, cache.slots)
+            y = F.scaled_dot_product_attention(q, cache.k[:, :, :filled], cache.v[:, :, :filled],
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.out_proj(y.transpose(1, 2).reshape(B, 1, -1))
+        # Chunked prefill: the cached keys the first new token can still see, then the new ones.
+        n_prefix = min(start, self.window - 1)
+        if n_prefix > 0:
+            k_prev, v_prev = cache.recent(start, n_prefix)
+            y = self.attend(q, torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2), n_prefix)
+        else:
+            y = self.attend(q, k, v, n_prefix=0)
+        cache.write(k, v, start)  # after reading: the new tokens may overwrite the prefix's slots
+        return self.out_proj(y)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, n_prefix: int) -> Tensor:
+        """``q`` ``(B, H, T, D)`` over ``k, v`` ``(B, H_kv, n_prefix + T, D)`` -> ``(B, T, H * D)``."""
+        B, H, T, D = q.shape
+        if n_prefix + T <= self.window:  # no key ever leaves the window: plain causal attention
+            y = sdpa_causal(q, k, v, n_prefix, self.dropout_p)
+            return y.transpose(1, 2).reshape(B, T, H * D)
+        if (q.device.type == "cuda" and flex_attention is not None and n_prefix == 0
+                and self.dropout_p == 0.0):  # flex attention has no dropout
+            block_mask = _sliding_block_mask(self.window, T, q.device)
+            y = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_kv_heads != H)
+            return y.transpose(1, 2).reshape(B, T, H * D)
+        return banded_attention(q, k, v, self.window, n_prefix, self.block_size, self.dropout_p)
+
+    def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> RollingKVCache:
+        return RollingKVCache(batch_size, self.n_kv_heads, min(self.window, max_len), self.head_dim, device, dtype)
+
+    def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * batch_size * self.n_kv_heads * self.head_dim * min(self.window, context_len) * element
