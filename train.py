@@ -7,14 +7,17 @@ config groups, ``--cfg job`` prints the composed config, ``-m`` runs a sweep.
 import hydra
 from omegaconf import DictConfig
 
+from attnlab import resolvers
+
+resolvers.register()
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from attnlab.train import run
+    from attnlab.train import run_job
 
-    metrics = run(cfg)
     # the value Hydra sweepers (e.g. Optuna) minimise
-    return metrics.get(cfg.get("optimized_metric") or "", None)
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

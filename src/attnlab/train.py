@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import resource
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ class RunSetup:
     optim: OptimConfig
     datamodule: Any
     output_dir: Path
+    param_matching: dict[str, Any] | None = None
 
 
 def validate(cfg: DictConfig) -> RunSetup:
@@ -55,6 +58,10 @@ def validate(cfg: DictConfig) -> RunSetup:
             "an integer >= 1 (or -1 for one pass over the training split)")
     model = from_dict(ModelConfig, to_container(cfg.model), "model")
     attention = resolve_layer_attention(to_container(cfg.attention), model)
+    matching = None
+    if model.match_params is not None:
+        matching = match_parameters(model, attention, model.match_params)
+        model = dataclasses.replace(model, d_ff=matching["d_ff"])
     optim = from_dict(OptimConfig, to_container(cfg.optim), "optim")
     datamodule = instantiate(cfg.data, _convert_="all")
     check_block_size(datamodule.block_size, model.max_seq_len)
@@ -62,7 +69,7 @@ def validate(cfg: DictConfig) -> RunSetup:
     if ckpt_path is not None:
         require(Path(ckpt_path).is_file(), "ckpt_path", ckpt_path, "an existing checkpoint file or null",
                 reason="file not found")
-    return RunSetup(model, attention, optim, datamodule, Path(cfg.paths.output_dir))
+    return RunSetup(model, attention, optim, datamodule, Path(cfg.paths.output_dir), matching)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -88,7 +95,7 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, validate and test one configuration; returns (and writes) its ``metrics.json``."""
     import lightning as L
 
@@ -106,7 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = setup.datamodule
     corpus = datamodule.prepare_corpus()
-    model_values = to_container(cfg.model)
+    model_values = dataclasses.asdict(setup.model)
     if model_values.get("vocab_size") is None:
         model_values["vocab_size"] = corpus.vocab_size
     elif model_values["vocab_size"] < corpus.vocab_size:
@@ -158,6 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "attention_preset": cfg.get("attention_preset"),
         "model": cfg.model.get("name"),
         "seed": cfg.seed,
+        "overrides": overrides or [],
         "steps": trainer.global_step,
         "final_val_loss": final_val,
         "final_val_ppl": math.exp(final_val) if final_val is not None else None,
@@ -169,6 +177,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train_curve": train_curve,
         "train_tokens_per_sec": tokens_per_second * world if tokens_per_second else None,
         "params": params,
+        "param_matching": setup.param_matching,
         "kv_cache_bytes_per_token": module.model.cache_bytes(1, module.model_cfg.max_seq_len, torch.float32)
         / module.model_cfg.max_seq_len,
         "wall_time_s": time.time() - started,
@@ -182,3 +191,99 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("final validation loss %s, test loss %s, %s tokens/s", final_val, metrics["test_loss"],
                  metrics["train_tokens_per_sec"])
     return metrics
+
+
+def match_parameters(model: ModelConfig, attention: list[AttentionSpec], reference: str) -> dict[str, Any]:
+    """The ``d_ff`` that brings this model's non-embedding parameters closest to those of the same
+    model with the ``reference`` mechanism (a preset or registered name) at the configured ``d_ff``.
+
+    Embeddings are left out: at GPT-2's vocabulary they dominate the total and would make any two
+    mechanisms "match". Parameters are linear in ``d_ff``, so two probes give the exact solution."""
+    from attnlab.model import GPT
+
+    def count(cfg: ModelConfig, specs: list[AttentionSpec]) -> int:
+        # a two-token vocabulary: embeddings are not counted and the model is cheap to build
+        return GPT(dataclasses.replace(cfg, vocab_size=2, match_params=None), specs).parameter_counts()["non_embedding"]
+
+    reference_cfg = dataclasses.replace(model, layer_attention=None)
+    target = count(reference_cfg, resolve_layer_attention(reference, reference_cfg))
+    at_1 = count(dataclasses.replace(model, d_ff=1), attention)
+    at_2 = count(dataclasses.replace(model, d_ff=2), attention)
+    per_unit = at_2 - at_1
+    d_ff = max(1, round(1 + (target - at_1) / per_unit))
+    params = at_1 + (d_ff - 1) * per_unit
+    return {"reference": reference, "reference_params": target, "d_ff": d_ff, "params": params,
+            "relative_diff": (params - target) / target}
+
+
+def _set_threads(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """Intra-op threads: ``threads`` when set; under the joblib launcher, the cores divided among the
+    parallel jobs so they do not oversubscribe the CPU."""
+    threads = cfg.get("threads")
+    if threads is None and hydra_cfg is not None:
+        launcher = hydra_cfg.get("launcher") or {}
+        if "joblib" in str(launcher.get("_target_", "")).lower():
+            n_jobs = launcher.get("n_jobs") or -1
+            cores = os.cpu_count() or 1
+            n_jobs = cores if n_jobs < 0 else n_jobs
+            threads = max(1, cores // max(1, n_jobs))
+    if threads:
+        torch.set_num_threads(int(threads))
+        log.info("using %d intra-op threads", threads)
+
+
+def objective(metrics: dict[str, Any], cfg: DictConfig) -> float | None:
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """One Hydra job: :func:`run` with the bookkeeping a sweep needs.
+
+    * A failure writes ``metrics.json`` with ``status: failed``, the error and its traceback. In a
+      multirun the sweep goes on (the report lists the job as failed); a single run re-raises.
+    * ``+resume_sweep=true`` skips a job whose ``metrics.json`` says completed and resumes an
+      unfinished one from its ``last.ckpt`` (re-run the sweep with the same ``hydra.sweep.dir``).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
+    output_dir = Path(cfg.paths.output_dir)
+    is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+    if cfg.get("resume_sweep"):
+        previous = _read_metrics(output_dir)
+        if previous.get("status") == "completed":
+            log.info("resume_sweep: %s already completed, skipping", output_dir)
+            return objective(previous, cfg)
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if last.is_file() and cfg.get("ckpt_path") is None:
+            log.info("resume_sweep: resuming %s from %s", output_dir, last)
+            with open_dict(cfg):
+                cfg.ckpt_path = str(last)
+    _set_threads(cfg, hydra_cfg)
+    try:
+        metrics = run(cfg, overrides)
+    except BaseException as error:
+        if is_rank_zero:
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            write_json(output_dir / "metrics.json", {
+                "status": status, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
+                "attention_preset": cfg.get("attention_preset"), "seed": cfg.get("seed"), "overrides": overrides,
+                "output_dir": str(output_dir)})
+        if multirun and isinstance(error, Exception):
+            log.error("job failed (the sweep continues): %s: %s", type(error).__name__, error)
+            return float("nan")
+        raise
+    return objective(metrics, cfg)
+
+
+def _read_metrics(output_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
