@@ -1,0 +1,268 @@
+"""Mixture-of-Head attention, MoH (Jin, Zhu, Yuan & Yan 2024, arXiv:2410.11842).
+
+Multi-head attention is a sum over heads, ``y = sum_i head_i W_O^i``; MoH treats the heads as
+experts and makes it a *weighted* sum over a per-token subset::
+
+    y_t = sum_i g_i(x_t) head_i(t) W_O^i
+
+Heads ``0 .. n_shared_heads-1`` are *shared* (active for every token); the other
+``E = n_heads - n_shared_heads`` are *routed*: token ``t`` activates the ``top_k`` of them with
+the highest router scores ``W_r x_t``. Two-stage weights, with ``[a1, a2] = softmax(W_h x_t)``
+balancing the two head types::
+
+    g_i = 2 a1 * n_shared * softmax(W_s x_t)_i             shared heads
+    g_i = 2 a2 * top_k * softmax_{selected}(W_r x_t)_i      selected routed heads
+    g_i = 0                                                 the other routed heads
+
+The paper's equations write the weights without the factors ``2``, ``n_shared`` and ``top_k``;
+the authors' released code has them, and so do we: each factor is the number of items its softmax
+shares out, so under uniform routing every active head gets weight exactly 1, as in MHA (and in
+``routing=static``/``all`` below), instead of ``1 / n_active``. A lone shared head
+(``n_shared_heads=1``) has no ``W_s`` (its softmax is 1); without shared heads there is no
+``W_h`` and the routed weights take the whole factor (``a2 = 1``, no ``2``).
+
+Load balance over the routed heads (paper: ``L_b = sum_i f_i P_i``; we normalise by ``E / top_k``)::
+
+    L_b = E / top_k * sum_i f_i P_i,    f_i = mean_t 1[t selects i],   P_i = mean_t softmax(W_r x_t)_i
+
+over the ``B * T`` tokens of the call. It is 1 whenever the mean routing probabilities are
+uniform and ``E / top_k`` when every token puts all its probability on the same ``top_k`` heads
+(the authors' code computes ``top_k`` times this). It reaches the training loss as
+``load_balance_weight * L_b`` per layer (``ctx.add_aux_loss("load_balance", ...)``).
+
+``routing``: ``router`` (the above), ``static`` (heads ``0 .. n_shared_heads + top_k - 1`` always
+active with weight 1: static head pruning, no router) or ``all`` (every head, weight 1: exactly
+GQA with ``n_heads`` / ``n_kv_heads`` heads and the same q/k/v/o weights).
+
+Heads and cache: MoH has its own ``n_heads`` (``head_dim = d_model / n_heads``), grouped onto
+``n_kv_heads`` key/value heads as in GQA: query head ``h`` reads KV head ``h // (n_heads /
+n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of every KV head:
+``2 * n_kv_heads * head_dim`` values per token and layer. Attention is computed only for the KV
+groups that have an active query head in the call (in contiguous runs of groups, so every
+``scaled_dot_product_attention`` reads slices of K/V, never copies): decoding one token skips
+each group whose query heads it leaves all inactive, and ``static`` never computes the groups
+beyond its active heads. Training with ``router`` computes every group: a group goes unused by a
+whole batch almost never, and finding out would stall the device once per layer.
+Within a computed group inactive heads are computed and weighted 0: at one token, a group's cost
+is reading its K/V, which its other query heads share.
+
+Router init: one bias-free ``nn.Linear`` holding ``[W_r; W_s; W_h]``, initialised by the model's
+GPT-2 init, N(0, 0.02): small logits give near-uniform routing (every active head starts with
+weight ~1, like MHA), and non-zero ones break the ties between routed heads differently for each
+token, so every routed head is trained and every router row gets a gradient from the first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.config import ModelConfig, divisors, require
+
+from .base import Attention, AttentionCache, AttentionConfig, AttentionContext, KVCache, mark_residual_projection, sdpa_causal
+from .registry import register_attention
+
+ROUTINGS = ("router", "static", "all")
+
+
+@dataclass
+class MoHConfig(AttentionConfig):
+    #: MoH's own query heads (not ``model.n_heads``): ``head_dim = d_model / n_heads``.
+    n_heads: int = 8
+    #: Key/value heads; query heads share them in groups of ``n_heads / n_kv_heads``.
+    n_kv_heads: int = 4
+    #: Heads active for every token (the first ones).
+    n_shared_heads: int = 2
+    #: Routed heads each token activates, out of ``n_heads - n_shared_heads``.
+    top_k: int = 4
+    #: ``router`` (MoH), ``static`` (first ``n_shared_heads + top_k`` heads) or ``all`` (GQA).
+    routing: str = "router"
+    #: Scale of the load-balance loss (the paper's beta), ``routing=router`` only.
+    load_balance_weight: float = 0.01
+
+    def validate(self, model: ModelConfig, field: str) -> None:
+        require(self.n_heads >= 1 and model.d_model % self.n_heads == 0, f"{field}.n_heads", self.n_heads,
+                f"divisors of model.d_model={model.d_model}: {divisors(model.d_model)}",
+                reason="must divide model.d_model")
+        if model.pos_encoding == "rope":
+            require((model.d_model // self.n_heads) % 2 == 0, f"{field}.n_heads", self.n_heads,
+                    "a head count giving an even head dimension",
+                    reason=f"RoPE needs an even head dimension, got d_model/n_heads={model.d_model // self.n_heads}")
+        require(1 <= self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
+                f"{field}.n_kv_heads", self.n_kv_heads,
+                f"divisors of {field}.n_heads={self.n_heads}: {divisors(self.n_heads)}",
+                reason=f"must divide {field}.n_heads")
+        require(0 <= self.n_shared_heads < self.n_heads, f"{field}.n_shared_heads", self.n_shared_heads,
+                f"an integer in [0, {field}.n_heads - 1 = {self.n_heads - 1}]",
+                reason="at least one head must be routed")
+        n_routed = self.n_heads - self.n_shared_heads
+        require(1 <= self.top_k <= n_routed, f"{field}.top_k", self.top_k,
+                f"an integer in [1, n_heads - n_shared_heads = {n_routed}]")
+        require(self.routing in ROUTINGS, f"{field}.routing", self.routing, " | ".join(ROUTINGS))
+        require(self.load_balance_weight >= 0, f"{field}.load_balance_weight", self.load_balance_weight,
+                "a number >= 0")
+
+
+def contiguous_runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of consecutive True entries: ``[T, T, F, T] -> [(0, 2), (3, 4)]``."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        elif flag:
+            runs.append((i, i + 1))
+    return runs
+
+
+@register_attention("moh")
+class MixtureOfHeadsAttention(Attention):
+    Config = MoHConfig
+
+    def __init__(self, cfg: MoHConfig, model: ModelConfig, layer_idx: int):
+        super().__init__(cfg, model, layer_idx)
+        self.n_heads = cfg.n_heads
+        self.head_dim = model.d_model // cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.group_size = cfg.n_heads // cfg.n_kv_heads
+        self.routing = cfg.routing
+        self.n_shared = cfg.n_shared_heads
+        self.n_routed = cfg.n_heads - cfg.n_shared_heads
+        self.top_k = cfg.top_k
+        self.load_balance_weight = cfg.load_balance_weight
+
+        # q/k/v/o exactly as GroupedQueryAttention names and lays them out (routing=all is GQA)
+        q_dim = self.n_heads * self.head_dim
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv_proj = nn.Linear(self.d_model, sum(self.split), bias=model.bias)
+        self.out_proj = mark_residual_projection(nn.Linear(q_dim, self.d_model, bias=model.bias))
+
+        self.router: nn.Linear | None = None
+        if self.routing == "router":
+            # rows [W_r; W_s; W_h]; a softmax over a single logit is constant, so it gets no rows
+            self.router_split = (self.n_routed if self.n_routed > 1 else 0,
+                                 self.n_shared if self.n_shared > 1 else 0,
+                                 2 if self.n_shared > 0 else 0)
+            if sum(self.router_split) > 0:
+                self.router = nn.Linear(self.d_model, sum(self.router_split), bias=False)
+
+        n_active = self.n_shared + self.top_k
+        static = torch.arange(self.n_heads) < n_active
+        # (H,) weights of routing=static: 1 for its heads, 0 for the pruned ones
+        self.register_buffer("static_gates", static.float(), persistent=False)
+        #: Groups routing=static computes: those holding one of its heads.
+        self.static_groups = static.view(self.n_kv_heads, self.group_size).any(-1).tolist()
+
+    # ----------------------------------------------------------------------------- routing
+    def route(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
+        """``x`` ``(B, T, C)`` -> head weights ``g`` ``(B, T, H)`` (at least float32; 0 for inactive heads) and
+        the routed heads' selection ``(B, T, E)`` bool. Adds the load-balance loss in training."""
+        B, T, _ = x.shape
+        # routing in at least float32, also under bf16 autocast
+        if self.router is not None:
+            logits = self.router(x)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        else:
+            logits = x.new_zeros(B, T, 0, dtype=torch.promote_types(x.dtype, torch.float32))
+        routed_logits, shared_logits, type_logits = logits.split(self.router_split, dim=-1)
+        ones = logits.new_ones(B, T, 1)
+        if self.n_routed > 1:
+            probs = routed_logits.softmax(-1)
+            chosen = routed_logits.topk(self.top_k, dim=-1).indices
+            selected = torch.zeros_like(routed_logits, dtype=torch.bool).scatter_(-1, chosen, True)
+            # softmax over the selected heads only
+            routed = routed_logits.masked_fill(~selected, float("-inf")).softmax(-1)
+        else:  # a single routed head: always selected, all of its type's weight
+            probs = routed = ones
+            selected = ones.bool()
+        g_routed = self.top_k * routed
+        if self.n_shared:
+            shared = shared_logits.softmax(-1) if self.n_shared > 1 else ones
+            balance = type_logits.softmax(-1)  # (B, T, 2): [a1, a2]
+            gates = torch.cat([2 * balance[..., :1] * self.n_shared * shared,
+                               2 * balance[..., 1:] * g_routed], dim=-1)
+        else:
+            balance = torch.cat([torch.zeros_like(ones), ones], dim=-1)  # a1 = 0, a2 = 1
+            gates = g_routed
+
+        if ctx.training and self.n_routed > 1 and self.load_balance_weight > 0:
+            frequency = selected.float().mean(dim=(0, 1))  # f_i, (E,)
+            balance_loss = self.n_routed / self.top_k * (frequency * probs.mean(dim=(0, 1))).sum()
+            ctx.add_aux_loss("load_balance", self.load_balance_weight * balance_loss)
+        if ctx.recording:
+            self.record_selection(ctx, selected)
+            ctx.record("routing_entropy", torch.special.entr(probs).sum(-1).mean())
+            ctx.record("shared_weight", balance[..., 0].mean())
+            ctx.record("routed_weight", balance[..., 1].mean())
+        return gates, selected
+
+    def record_selection(self, ctx: AttentionContext, selected: Tensor) -> None:
+        """Statistics of the routed heads' selection ``(B, T, E)``."""
+        active = selected.float()
+        ctx.record("head_active", active)
+        for j, frequency in enumerate(active.mean(dim=(0, 1))):
+            ctx.record(f"head_frequency/{j}", frequency)
+
+    # ----------------------------------------------------------------------------- attention
+    def project(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` ``(B, T, C)`` -> rotated ``q`` ``(B, H, T, D)``, ``k, v`` ``(B, H_kv, T, D)``."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q = ctx.rope.rotate(q, ctx.start_pos)
+            k = ctx.rope.rotate(k, ctx.start_pos)
+        return q, k, v
+
+    def attend_groups(self, q: Tensor, k: Tensor, v: Tensor, start: int, first: int, end: int) -> Tensor:
+        """Causal attention of the query heads of KV groups ``first .. end-1``: ``(B, (end-first)*G, T, D)``."""
+        G = self.group_size
+        return sdpa_causal(q[:, first * G:end * G], k[:, first:end], v[:, first:end], start, self.dropout_p)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, groups: list[bool]) -> Tensor:
+        """Attention ``(B, H, T, D)`` for the groups flagged in ``groups`` ``(H_kv,)``; zeros elsewhere."""
+        runs = contiguous_runs(groups)
+        if runs == [(0, self.n_kv_heads)]:
+            return self.attend_groups(q, k, v, start, 0, self.n_kv_heads)
+        y = q.new_zeros(q.shape)
+        for first, end in runs:
+            y[:, first * self.group_size:end * self.group_size] = self.attend_groups(q, k, v, start, first, end)
+        return y
+
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, ctx)
+        if cache is not None:
+            assert isinstance(cache, KVCache)
+            k, v = cache.update(k, v, ctx.start_pos)
+
+        gates: Tensor | None = None  # (B, T, H) or (H,); None: every head with weight 1
+        groups = [True] * self.n_kv_heads
+        if self.routing == "router":
+            gates, selected = self.route(x, ctx)
+            if not ctx.training:
+                # (B, T, E) -> (B, T, H) -> (H_kv,): groups with an active head anywhere in the call
+                active = torch.cat([selected.new_ones(B, T, self.n_shared), selected], dim=-1)
+                groups = active.view(B * T, self.n_kv_heads, self.group_size).any(-1).any(0).tolist()
+        elif self.routing == "static":
+            gates, groups = self.static_gates, self.static_groups
+            if ctx.recording:
+                self.record_selection(ctx, gates[self.n_shared:].bool().expand(B, T, self.n_routed))
+        elif ctx.recording:
+            self.record_selection(ctx, torch.ones(B, T, self.n_routed, dtype=torch.bool, device=x.device))
+
+        y = self.attend(q, k, v, ctx.start_pos, groups).transpose(1, 2)  # (B, T, H, D)
+        if gates is not None:
+            y = y * gates.to(y.dtype).unsqueeze(-1)
+        return self.out_proj(y.reshape(B, T, -1))
+
+    def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, self.head_dim, device, dtype)
+
+    def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * batch_size * self.n_kv_heads * self.head_dim * context_len * element

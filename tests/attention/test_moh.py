@@ -1,0 +1,393 @@
+"""Mixture-of-Head attention against references written here: per-token, per-head loops with
+explicit softmax attention and explicit two-stage head weights, and the ``gqa`` mechanism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnlab.attention import AttentionContext, resolve_attention
+from attnlab.attention.moh import MixtureOfHeadsAttention, contiguous_runs
+from attnlab.config import ConfigError, ModelConfig
+from attnlab.layers import RotaryEmbedding
+from attnlab.lit_module import LitLM
+from attnlab.model import GPT
+from tests.conftest import TINY_MODEL
+
+C = TINY_MODEL["d_model"]
+
+
+def build(routing: str = "router", model_overrides: dict | None = None, **options) -> MixtureOfHeadsAttention:
+    model = ModelConfig(**{**TINY_MODEL, **(model_overrides or {})})
+    attn = resolve_attention({"name": "moh", "routing": routing, **options}, model).build(model, 0)
+    return attn.double().eval()
+
+
+def sharpen_router(attn: MixtureOfHeadsAttention, std: float = 0.2) -> None:
+    """Router logits of a few units, so that no softmax is close to uniform."""
+    with torch.no_grad():
+        attn.router.weight.normal_(0.0, std)
+
+
+def router_blocks(attn: MixtureOfHeadsAttention):
+    """``W_r, W_s, W_h`` (None where the mechanism has none), in the documented row layout."""
+    E, n_s = attn.n_routed, attn.n_shared
+    rows = attn.router.weight
+    w_r = rows[:E] if E > 1 else None
+    w_s = rows[E if E > 1 else 0:][:n_s] if n_s > 1 else None
+    w_h = rows[-2:] if n_s > 0 else None
+    return w_r, w_s, w_h
+
+
+def explicit_softmax(values: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def naive_head_weights(x, attn) -> torch.Tensor:
+    """``(B, T, H)`` head weights ``g``, one token at a time, from the paper's equations (with the
+    factors that give weight 1 per head under uniform routing)."""
+    B, T, _ = x.shape
+    H, n_s, E, k = attn.n_heads, attn.n_shared, attn.n_routed, attn.top_k
+    g = torch.zeros(B, T, H, dtype=x.dtype)
+    if attn.routing == "all":
+        return g + 1.0
+    if attn.routing == "static":
+        g[..., :n_s + k] = 1.0
+        return g
+    w_r, w_s, w_h = router_blocks(attn)
+    for b in range(B):
+        for t in range(T):
+            xt = x[b, t]
+            scores = (w_r @ xt).tolist() if w_r is not None else [0.0]
+            chosen = sorted(range(E), key=lambda i: -scores[i])[:k]
+            routed = explicit_softmax([scores[i] for i in chosen])
+            if n_s == 0:
+                a_shared, a_routed, factor = 0.0, 1.0, 1
+            else:
+                a_shared, a_routed = explicit_softmax((w_h @ xt).tolist())
+                factor = 2
+                shared = explicit_softmax((w_s @ xt).tolist()) if w_s is not None else [1.0]
+                for i in range(n_s):
+                    g[b, t, i] = factor * a_shared * n_s * shared[i]
+            for j, i in enumerate(chosen):
+                g[b, t, n_s + i] = factor * a_routed * k * routed[j]
+    return g
+
+
+def naive_heads(x, attn, rope=None) -> torch.Tensor:
+    """``(B, T, H, D)``: each head's causal softmax attention, by loops over heads and positions.
+    Query head ``h`` reads KV head ``h // (H / H_kv)``."""
+    B, T, _ = x.shape
+    H, H_kv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    w_q, w_k, w_v = attn.qkv_proj.weight.split([H * D, H_kv * D, H_kv * D])
+    q = (x @ w_q.T).view(B, T, H, D).transpose(1, 2)
+    k = (x @ w_k.T).view(B, T, H_kv, D).transpose(1, 2)
+    v = (x @ w_v.T).view(B, T, H_kv, D).transpose(1, 2)
+    if rope is not None:
+        q, k = rope.rotate(q, 0), rope.rotate(k, 0)
+    out = torch.zeros(B, T, H, D, dtype=x.dtype)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // H_kv)
+            for t in range(T):
+                scores = torch.stack([q[b, h, t] @ k[b, kv, s] for s in range(t + 1)]) / math.sqrt(D)
+                weights = torch.softmax(scores, dim=0)
+                out[b, t, h] = (weights[:, None] * v[b, kv, : t + 1]).sum(0)
+    return out
+
+
+def naive_moh(x, attn, rope=None) -> torch.Tensor:
+    """``y_t = sum_i g_i(x_t) head_i(t) W_O^i``, ``W_O^i`` the columns of head ``i``."""
+    heads, g = naive_heads(x, attn, rope), naive_head_weights(x, attn)
+    B, T, H, D = heads.shape
+    w_o = attn.out_proj.weight
+    y = torch.zeros(B, T, w_o.shape[0], dtype=x.dtype)
+    for i in range(H):
+        y += g[..., i:i + 1] * (heads[:, :, i] @ w_o[:, i * D:(i + 1) * D].T)
+    return y
+
+
+ROUTER_CONFIGS = [
+    dict(),  # defaults: 8 heads on 4 KV heads, 2 shared + top 4 of 6 routed
+    dict(n_kv_heads=2, n_shared_heads=0, top_k=3),
+    dict(n_kv_heads=8, n_shared_heads=1, top_k=2),
+    dict(n_kv_heads=1, n_shared_heads=3, top_k=5),  # every routed head selected
+    dict(n_heads=4, n_kv_heads=2, n_shared_heads=3, top_k=1),  # a single routed head
+]
+
+
+# ----------------------------------------------------------------------------- head selection
+@pytest.mark.parametrize("options", ROUTER_CONFIGS)
+def test_shared_heads_always_active_and_exactly_top_k_routed(options):
+    attn = build(**options)
+    if attn.router is not None:
+        sharpen_router(attn)
+    x = torch.randn(3, 20, C, dtype=torch.float64)
+    ctx = AttentionContext(None, record_stats=True)
+    gates, selected = attn.route(x, ctx)
+    active = ctx.stats["head_active"]
+    assert active.shape == (3, 20, attn.n_routed)
+    torch.testing.assert_close(active.sum(-1), torch.full((3, 20), float(attn.top_k), dtype=active.dtype))
+    assert (gates[..., :attn.n_shared] > 0).all()
+    assert torch.equal(gates[..., attn.n_shared:] > 0, active.bool())
+    for j in range(attn.n_routed):
+        torch.testing.assert_close(ctx.stats[f"head_frequency/{j}"], active[..., j].mean())
+    torch.testing.assert_close(ctx.stats["shared_weight"] + ctx.stats["routed_weight"],
+                               torch.ones((), dtype=torch.float64))
+
+
+def test_routing_statistics_match_the_router():
+    attn = build()
+    sharpen_router(attn)
+    x = torch.randn(2, 12, C, dtype=torch.float64)
+    ctx = AttentionContext(None, record_stats=True)
+    attn(x, ctx)
+    w_r, _, w_h = router_blocks(attn)
+    p = torch.softmax(x @ w_r.T, dim=-1)
+    torch.testing.assert_close(ctx.stats["routing_entropy"], -(p * p.log()).sum(-1).mean())
+    a = torch.softmax(x @ w_h.T, dim=-1)
+    torch.testing.assert_close(ctx.stats["shared_weight"], a[..., 0].mean())
+    torch.testing.assert_close(ctx.stats["routed_weight"], a[..., 1].mean())
+    # the model scopes them per layer, only when asked
+    model = GPT.from_config(TINY_MODEL, "moh").eval()
+    idx = torch.randint(0, 97, (2, 10))
+    assert model(idx).stats is None
+    stats = model(idx, record_stats=True).stats
+    assert stats["layer1/head_active"].shape == (2, 10, 6)
+    assert {f"layer0/head_frequency/{j}" for j in range(6)} <= set(stats)
+
+
+# ----------------------------------------------------------------------------- references
+@pytest.mark.parametrize("options", ROUTER_CONFIGS)
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_router_matches_naive_reference(options, use_rope):
+    attn = build(**options)
+    if attn.router is not None:
+        sharpen_router(attn)
+    x = torch.randn(2, 9, C, dtype=torch.float64)
+    rope = RotaryEmbedding() if use_rope else None
+    got = attn(x, AttentionContext(rope))
+    torch.testing.assert_close(got, naive_moh(x, attn, rope), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("routing", ["static", "all"])
+def test_static_and_all_match_naive_reference(routing):
+    attn = build(routing, n_shared_heads=1, top_k=2)  # static: heads 0..2, a partially active group
+    x = torch.randn(2, 9, C, dtype=torch.float64)
+    rope = RotaryEmbedding()
+    got = attn(x, AttentionContext(rope))
+    torch.testing.assert_close(got, naive_moh(x, attn, rope), atol=1e-10, rtol=1e-9)
+
+
+def test_all_heads_is_gqa_with_the_same_weights():
+    attn = build("all")
+    gqa_model = ModelConfig(**{**TINY_MODEL, "n_heads": 8})
+    gqa = resolve_attention({"name": "gqa", "n_kv_heads": 4}, gqa_model).build(gqa_model, 0).double().eval()
+    gqa.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 13, C, dtype=torch.float64)
+    ctx = AttentionContext(RotaryEmbedding())
+    torch.testing.assert_close(attn(x, ctx), gqa(x, ctx), atol=1e-12, rtol=1e-10)
+    # and through a cache, one token at a time
+    cache, ref_cache = attn.init_cache(2, 13, None, torch.float64), gqa.init_cache(2, 13, None, torch.float64)
+    for t in range(13):
+        step = AttentionContext(RotaryEmbedding(), start_pos=t)
+        torch.testing.assert_close(attn(x[:, t:t + 1], step, cache), gqa(x[:, t:t + 1], step, ref_cache),
+                                   atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("routing", ["static", "all"])
+def test_static_and_all_have_no_router_and_no_aux_loss(routing):
+    attn = build(routing).train()
+    D, H, H_kv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+    assert attn.router is None
+    assert sum(p.numel() for p in attn.parameters()) == C * H * D + 2 * C * H_kv * D + H * D * C
+    ctx = AttentionContext(None, training=True)
+    attn(torch.randn(2, 8, C, dtype=torch.float64), ctx)
+    assert not ctx.aux_losses
+
+
+def test_router_parameters_are_one_row_per_router_output():
+    """``[W_r; W_s; W_h]``: 6 + 2 + 2 rows with the defaults."""
+    attn = build()
+    assert attn.router.weight.shape == (attn.n_heads + 2, C)
+
+
+# ----------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("routing", ["router", "static", "all"])
+def test_cached_decoding_equals_full_forward(routing):
+    attn = build(routing)
+    if attn.router is not None:
+        sharpen_router(attn)
+    x = torch.randn(3, 16, C, dtype=torch.float64)
+    rope = RotaryEmbedding()
+    full = attn(x, AttentionContext(rope))
+    cache = attn.init_cache(3, 16, None, torch.float64)
+    parts, start = [], 0
+    for length in (5, 3) + (1,) * 8:  # prefill, a chunk, then one token at a time
+        parts.append(attn(x[:, start:start + length], AttentionContext(rope, start_pos=start), cache))
+        start += length
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-12, rtol=1e-10)
+    assert cache.nbytes() == attn.cache_bytes(3, 16, torch.float64) == 2 * 3 * 4 * 8 * 16 * 8
+
+
+def spy_on_groups(attn, monkeypatch) -> set[int]:
+    """The KV groups whose attention is computed from now on."""
+    computed: set[int] = set()
+    original = attn.attend_groups
+
+    def spy(q, k, v, start, first, end):
+        computed.update(range(first, end))
+        return original(q, k, v, start, first, end)
+
+    monkeypatch.setattr(attn, "attend_groups", spy)
+    return computed
+
+
+def route_by_first_channel(attn, x_last, routed_logits_per_row):
+    """Make the routed scores of the last token of row ``b`` equal ``routed_logits_per_row[b]``:
+    ``W_r`` reads only channel ``b + 1``, which is one-hot for that token."""
+    B = len(routed_logits_per_row)
+    with torch.no_grad():
+        w_r = attn.router.weight[:attn.n_routed]
+        w_r.zero_()
+        for b, logits in enumerate(routed_logits_per_row):
+            w_r[:, b + 1] = torch.tensor(logits, dtype=w_r.dtype)
+            x_last[b, 1:B + 1] = 0.0
+            x_last[b, b + 1] = 1.0
+
+
+@pytest.mark.parametrize("routed_logits,expected_groups", [
+    # routed heads 0, 1 = heads 2, 3 = group 1, all inactive: skipped
+    ([[-5.0, -5.0, 1.0, 2.0, 3.0, 4.0]], {0, 2, 3}),
+    # heads 2 and 4 inactive: groups 1 and 2 each keep one active head, nothing skipped
+    ([[-5.0, 1.0, -5.0, 2.0, 3.0, 4.0]], {0, 1, 2, 3}),
+    # heads 6, 7 (group 3) inactive in both rows: skipped
+    ([[1.0, 2.0, 3.0, 4.0, -5.0, -5.0], [4.0, 3.0, 2.0, 1.0, -5.0, -6.0]], {0, 1, 2}),
+    # row 0 leaves group 1 out, row 1 group 3: each group is needed by one row
+    ([[-5.0, -5.0, 1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0, -5.0, -5.0]], {0, 1, 2, 3}),
+])
+def test_decode_skips_a_kv_group_only_when_its_whole_query_group_is_inactive(routed_logits, expected_groups,
+                                                                             monkeypatch):
+    attn = build()
+    B = len(routed_logits)
+    x = torch.randn(B, 11, C, dtype=torch.float64)
+    route_by_first_channel(attn, x[:, -1], routed_logits)
+    rope = RotaryEmbedding()
+    full = attn(x, AttentionContext(rope))
+    cache = attn.init_cache(B, 11, None, torch.float64)
+    attn(x[:, :10], AttentionContext(rope), cache)
+    computed = spy_on_groups(attn, monkeypatch)
+    last = attn(x[:, 10:], AttentionContext(rope, start_pos=10), cache)
+    assert computed == expected_groups
+    torch.testing.assert_close(last, full[:, 10:], atol=1e-12, rtol=1e-10)
+
+
+def test_static_never_computes_the_pruned_group_and_training_computes_all(monkeypatch):
+    x = torch.randn(2, 8, C, dtype=torch.float64)
+    static = build("static")  # heads 0..5 active: group 3 (heads 6, 7) never needed
+    computed = spy_on_groups(static, monkeypatch)
+    static.train()(x, AttentionContext(None, training=True))
+    assert computed == {0, 1, 2}
+    router = build().train()
+    route_by_first_channel(router, x[:, -1], [[-5.0, -5.0, 1.0, 2.0, 3.0, 4.0]] * 2)
+    computed = spy_on_groups(router, monkeypatch)
+    router(x[:, -1:], AttentionContext(None, training=True))
+    assert computed == {0, 1, 2, 3}  # no device sync in training: every group, inactive heads weighted 0
+
+
+def test_contiguous_runs():
+    assert contiguous_runs([True, True, False, True]) == [(0, 2), (3, 4)]
+    assert contiguous_runs([False, False]) == []
+    assert contiguous_runs([True] * 4) == [(0, 4)]
+
+
+# ----------------------------------------------------------------------------- load balance
+def load_balance(attn, x) -> torch.Tensor:
+    ctx = AttentionContext(None, training=True)
+    attn.route(x, ctx)
+    return ctx.aux_losses["load_balance"] / attn.load_balance_weight
+
+
+def test_load_balance_is_minimal_for_uniform_routing_and_larger_when_collapsed():
+    attn = build(load_balance_weight=0.5)
+    x = torch.randn(4, 32, C, dtype=torch.float64)
+    E, k = attn.n_routed, attn.top_k
+    with torch.no_grad():
+        attn.router.weight[:E].zero_()  # uniform routing probabilities
+    uniform = load_balance(attn, x)
+    torch.testing.assert_close(uniform, torch.ones((), dtype=torch.float64))
+    x[..., 0] = 1.0
+    with torch.no_grad():  # every token puts its probability on routed heads 0..3
+        attn.router.weight[:E, 0] = torch.tensor([20.0, 20.0, 20.0, 20.0, -20.0, -20.0])
+    collapsed = load_balance(attn, x)
+    torch.testing.assert_close(collapsed, torch.tensor(E / k, dtype=torch.float64))
+    assert collapsed > uniform
+    # a random router: E/k * sum_i f_i P_i from the selection and probabilities computed here
+    sharpen_router(attn)
+    w_r = attn.router.weight[:E]
+    p = torch.softmax(x @ w_r.T, dim=-1).reshape(-1, E)
+    f = torch.zeros(E, dtype=torch.float64)
+    for row in p:
+        for i in sorted(range(E), key=lambda i: -row[i])[:k]:
+            f[i] += 1.0 / len(p)
+    torch.testing.assert_close(load_balance(attn, x), E / k * (f * p.mean(0)).sum())
+
+
+def test_load_balance_only_in_training_and_only_with_a_weight():
+    x = torch.randn(2, 8, C, dtype=torch.float64)
+    ctx = AttentionContext(None)
+    build()(x, ctx)
+    assert not ctx.aux_losses
+    ctx = AttentionContext(None, training=True)
+    build(load_balance_weight=0.0).train()(x, ctx)
+    assert not ctx.aux_losses
+
+
+def test_aux_loss_reaches_the_total_loss_and_every_router_gets_gradients():
+    module = LitLM(TINY_MODEL, "moh", {})
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    module._trainer = type("T", (), {"log_every_n_steps": 1, "global_step": 0})()  # noqa: SLF001
+    idx = torch.randint(0, 97, (2, 24))
+    targets = idx.roll(-1, 1)
+    total = module.training_step((idx, targets), 0)
+    out = module.model(idx, targets)
+    aux = out.aux_losses["load_balance"]
+    assert aux.item() > 0
+    torch.testing.assert_close(total, out.loss + aux)
+    # the load-balance loss alone trains W_r (of the last layer: an earlier layer's W_s, W_h
+    # change the input of later routers); the whole loss trains W_r, W_s and W_h
+    attn = module.model.blocks[-1].attn
+    E, n_s = attn.n_routed, attn.n_shared
+    (grad_aux,) = torch.autograd.grad(aux, attn.router.weight, retain_graph=True)
+    assert grad_aux[:E].abs().sum() > 0 and grad_aux[E:].abs().sum() == 0
+    total.backward()
+    grad = attn.router.weight.grad
+    for block in (grad[:E], grad[E:E + n_s], grad[E + n_s:]):
+        assert block.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("options,message", [
+    (dict(n_heads=6), r"attention\.n_heads=6: must divide model\.d_model"),
+    (dict(n_heads=64, n_kv_heads=8), r"attention\.n_heads=64: RoPE needs an even head dimension"),
+    (dict(n_kv_heads=3),
+     r"attention\.n_kv_heads=3: must divide attention\.n_heads; allowed: divisors of attention\.n_heads=8: \[1, 2, 4, 8\]"),
+    (dict(n_kv_heads=0), r"attention\.n_kv_heads=0: must divide attention\.n_heads"),
+    (dict(n_shared_heads=8), r"attention\.n_shared_heads=8: at least one head must be routed"),
+    (dict(n_shared_heads=-1), r"attention\.n_shared_heads=-1:"),
+    (dict(top_k=0), r"attention\.top_k=0; allowed: an integer in \[1, n_heads - n_shared_heads = 6\]"),
+    (dict(top_k=7), r"attention\.top_k=7; allowed: an integer in \[1, n_heads - n_shared_heads = 6\]"),
+    (dict(routing="dense"), r"attention\.routing='dense'; allowed: router \| static \| all"),
+    (dict(load_balance_weight=-0.1), r"attention\.load_balance_weight=-0\.1; allowed: a number >= 0"),
+])
+def test_config_errors_name_the_field(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build(**options)
+
+
+def test_odd_head_dim_is_fine_without_rope():
+    attn = build(model_overrides={"pos_encoding": "learned"}, n_heads=64, n_kv_heads=8, top_k=4)
+    assert attn.head_dim == 1
