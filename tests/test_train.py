@@ -108,9 +108,11 @@ def test_invalid_config_fails_at_start_with_a_clear_error(override, message, tmp
     proc = run_train(["experiment=smoke", *override.split()], tmp_path, check=False, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
-    # nothing was loaded or trained
+    # nothing was loaded or trained; the run directory records the failure
     assert not (tmp_path / "cache").exists()
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and message in failed["error"]
 
 
 def test_missing_data_fails_with_what_to_set(tmp_path):
