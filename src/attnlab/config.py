@@ -146,7 +146,7 @@ class ModelConfig:
     # preset name from conf/attention, a registered mechanism name, or a mapping with ``name``.
     layer_attention: list | None = None
     # Rows of the (B*T, vocab) logits computed at once by the fused LM-head loss; 0 = plain loss.
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 256
     name: str = "custom"
     # Parameter matching target: a reference mechanism whose parameter count d_ff is tuned to match.
     match_params: str | None = None
