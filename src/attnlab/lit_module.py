@@ -71,7 +71,7 @@ class LitLM(L.LightningModule):
         self.val_curve: list[dict[str, float]] = []
         self.train_curve: list[dict[str, float]] = []
         self._rng_to_restore: Mapping[str, Any] | None = None
-        self._step_started = 0.0
+        self._last_batch_end: float | None = None
         self.timed_steps = 0
         self.timed_tokens = 0
         self.timed_seconds = 0.0
@@ -128,18 +128,22 @@ class LitLM(L.LightningModule):
         if self._rng_to_restore is not None:
             _set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Time from one batch's end to the next: the step, the data loading, logging and the
+        progress bar - everything a training loop pays for - minus validation, which resets it."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        now = time.perf_counter()
         # the first steps pay for allocation and compilation; they are not timed
-        if batch_idx >= 2:
+        if self._last_batch_end is not None and batch_idx >= 2:
             self.timed_steps += 1
             self.timed_tokens += batch[0].numel()
-            self.timed_seconds += time.perf_counter() - self._step_started
+            self.timed_seconds += now - self._last_batch_end
+        self._last_batch_end = now
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None
 
     @property
     def tokens_per_second(self) -> float | None:

@@ -1,0 +1,198 @@
+"""Measuring instruments for the benchmark: peak tensor memory, FLOP counts, matmul peak, timing.
+
+* :class:`LiveTensorTracker` follows every tensor storage that ATen ops create or touch and
+  keeps the running sum of their bytes, so the peak of live tensor bytes during a CPU training
+  step can be measured without an allocator statistic (CUDA has ``max_memory_allocated``).
+* :func:`count_flops` wraps ``torch.utils.flop_counter.FlopCounterMode``, adding the CPU fused
+  attention kernels it does not know (it would count their FLOPs as zero).
+* :func:`matmul_peak_gflops` measures the machine's GEMM rate, the denominator of MFU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+# ----------------------------------------------------------------------------------- memory
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Peak bytes of live tensor storages while the mode is active.
+
+    Every storage an ATen op produces (or receives, if not seen before) is counted once, keyed by
+    its data pointer, so views share their base's bytes; a ``weakref.finalize`` on the untyped
+    storage subtracts it when it is freed. ``roots`` are tensors alive before the mode starts
+    (parameters, gradients, optimizer states): they count from the start.
+
+    What it cannot see: scratch buffers a kernel allocates and frees internally (e.g. inside a
+    fused attention kernel) and allocator fragmentation. It measures what the program keeps
+    alive, not what the allocator reserves.
+    """
+
+    def __init__(self, roots: Iterable[Tensor] = ()):
+        super().__init__()
+        self._live: dict[int, int] = {}  # data pointer -> bytes
+        self.current = 0
+        self.peak = 0
+        #: The ATen op whose output set the peak (where to look when reducing it).
+        self.peak_op: str | None = None
+        self._op: str | None = None
+        for tensor in roots:
+            self._track(tensor)
+        self.baseline = self.current
+
+    def _track(self, tensor: Any) -> None:
+        if not isinstance(tensor, Tensor) or tensor.is_meta or tensor.layout != torch.strided:
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a real storage
+            return
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or ptr in self._live:
+            return
+        self._live[ptr] = nbytes
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak, self.peak_op = self.current, self._op
+        weakref.finalize(storage, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        nbytes = self._live.pop(ptr, 0)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # inputs first: a tensor created before the mode (and not among the roots) is alive now
+        for value in tree_flatten((args, kwargs))[0]:
+            self._track(value)
+        out = func(*args, **kwargs)
+        self._op = str(func)
+        for value in tree_flatten(out)[0]:
+            self._track(value)
+        self._op = None
+        return out
+
+
+def track_peak_bytes(fn: Callable[[], Any], roots: Iterable[Tensor] = ()) -> int:
+    """Run ``fn()`` and return the peak of live tensor bytes (``roots`` counted from the start)."""
+    with LiveTensorTracker(roots) as tracker:
+        fn()
+    return tracker.peak
+
+
+def state_tensors(*objects: Any) -> list[Tensor]:
+    """The tensors a training step keeps alive: parameters, buffers and gradients of modules,
+    and the states of optimizers (``torch.optim.Optimizer``)."""
+    found: list[Tensor] = []
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                found.append(p)
+                if p.grad is not None:
+                    found.append(p.grad)
+            found.extend(obj.buffers())
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                found.extend(v for v in state.values() if isinstance(v, Tensor))
+        elif isinstance(obj, Tensor):
+            found.append(obj)
+    return found
+
+
+# ----------------------------------------------------------------------------------- FLOPs
+
+_aten = torch.ops.aten
+
+
+def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                         **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _addmm_inplace_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    m, k = mat1_shape
+    return 2 * m * k * mat2_shape[1]
+
+
+def _baddbmm_inplace_flops(self_shape, batch1_shape, batch2_shape, *args, out_shape=None, **kwargs) -> int:
+    b, m, k = batch1_shape
+    return 2 * b * m * k * batch2_shape[2]
+
+
+#: Ops FlopCounterMode has no formula for: the CPU fused attention kernels (it would count
+#: attention as 0 FLOPs on CPU) and the in-place accumulating matmuls (``grad.addmm_(a, b)``).
+EXTRA_FLOP_FORMULAS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    _aten.addmm_: _addmm_inplace_flops,
+    _aten.baddbmm_: _baddbmm_inplace_flops,
+}
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
+    """FLOPs executed by ``fn()`` (matmuls, convolutions, attention kernels), and their split by op.
+
+    These are the FLOPs of the operations the implementation runs: fused attention is counted as
+    the dense ``T x S`` score matrix even where the kernel skips masked blocks, and a mechanism
+    that computes a dense masked product counts all of it. Elementwise work is not counted."""
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return int(counter.get_total_flops()), by_op
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, min, max and the interquartile range of ``values``."""
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "iqr": q3 - q1}
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int, device: torch.device | str = "cpu", warmup: int = 2,
+                       repeats: int = 5) -> float:
+    """GFLOP/s of ``size x size`` GEMMs in ``dtype`` (median of ``repeats``): ``2 * size**3`` FLOPs each."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    seconds = time_calls(lambda: torch.mm(a, b, out=out), warmup, repeats, device)
+    return 2 * size**3 / statistics.median(seconds) / 1e9

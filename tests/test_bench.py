@@ -1,0 +1,249 @@
+"""``scripts/bench.py`` end to end (quick mode, in a subprocess) and the measurements it is built on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab import bench
+from attnlab.attention import registered_names
+from attnlab.config import ConfigError, ModelConfig, OptimConfig, from_dict
+from attnlab.model import GPT
+from tests.conftest import ROOT, TINY_MODEL
+
+QUICK_LENGTHS = [64, 128]
+
+
+def run_bench(args: list[str], tmp_path: Path, timeout: int = 600) -> dict:
+    """Run ``python scripts/bench.py <args>`` (one thread: the test machine's cores are shared) and
+    return its bench.json."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "scripts/bench.py", "bench.quick=true", "bench.threads=1", *args,
+           f"paths.log_dir={tmp_path / 'outputs'}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"bench.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return json.loads((run_dir / "bench.json").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """In-process measurements on one thread (shared cores make OpenMP threads wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def matmul_params(params: dict, model: dict) -> int:
+    """Weights used in matmuls by the MHA model: attention and feed-forward, plus the (tied) LM head."""
+    return params["attention"] + params["feed_forward"] + model["vocab_size"] * model["d_model"]
+
+
+def test_quick_run_reports_every_field_for_every_mechanism(tmp_path):
+    result = run_bench([], tmp_path)
+    assert result["status"] == "completed"
+    machine = result["machine"]
+    for key in ("device_name", "torch_version", "threads", "matmul_peak_gflops"):
+        assert machine[key], key
+    assert machine["threads"] == 1
+    assert machine["matmul_peak_gflops"]["float32"] > 0
+
+    assert sorted(result["mechanisms"]) == registered_names()
+    for label, m in result["mechanisms"].items():
+        assert set(m) == set(bench.MECHANISM_FIELDS), label
+        assert m["error"] is None, (label, m["error"])
+        assert m["params"]["total"] > 0
+        assert [e["seq_len"] for e in m["train"]] == QUICK_LENGTHS
+        assert [e["context_len"] for e in m["decode"]] == QUICK_LENGTHS
+        assert [e["context_len"] for e in m["cache"]] == QUICK_LENGTHS
+        for entry, fields in [*((e, bench.TRAIN_FIELDS) for e in m["train"]),
+                              *((e, bench.DECODE_FIELDS) for e in m["decode"]),
+                              *((e, bench.CACHE_FIELDS) for e in m["cache"])]:
+            assert set(entry) == set(fields), (label, entry)
+            assert entry["error"] is None, (label, entry)
+        for e in m["train"]:
+            assert e["batch_size"] * e["seq_len"] == e["tokens_per_step"] == 256  # quick tokens_per_step
+            assert e["tokens_per_s_min"] <= e["tokens_per_s"] <= e["tokens_per_s_max"]
+            assert e["mfu"] > 0 and e["flops_per_token"] > 0
+            # at least parameters, gradients and the two AdamW moments are alive at the peak
+            assert e["peak_memory_bytes"] > 4 * 4 * m["params"]["total"]
+            assert e["peak_memory_method"] == "live_tensor_bytes"
+        for e in m["decode"]:
+            assert e["tokens_per_s"] > 0 and e["batch_size"] == 1
+        for e in m["cache"]:
+            assert e["matches_closed_form"], (label, e)
+
+    # FLOPs of the MHA model, counted independently: 6 per matmul weight and token (forward,
+    # and the two gradient matmuls), plus attention per layer and token: 4*T*C forward (QK^T, PV)
+    # and 2.5 times that backward (torch's count for the fused kernels' backward).
+    model = result["settings"]["model"]
+    mha = result["mechanisms"]["mha"]
+    for e in mha["train"]:
+        attention = model["n_layers"] * 14 * e["seq_len"] * model["d_model"]
+        assert e["flops_per_token"] == 6 * matmul_params(mha["params"], model) + attention
+
+    run = tmp_path / "run"
+    markdown = (run / "bench.md").read_text()
+    for label in result["mechanisms"]:
+        assert f"| {label} |" in markdown
+    for name in ("throughput.png", "memory.png", "decode.png"):
+        assert (run / name).stat().st_size > 1000, name
+
+
+def test_reference_mode_compares_attnlab_with_a_bare_loop(tmp_path):
+    result = run_bench(["bench.reference=true"], tmp_path)
+    assert result["mechanisms"] == {}
+    runs = result["reference"]["runs"]
+    assert [(r["path"], r["compile"], r["dropout"]) for r in runs] == [
+        ("bare", False, 0.1), ("attnlab", False, 0.1), ("attnlab", True, 0.1),
+        ("bare", False, 0.0), ("attnlab", False, 0.0), ("attnlab", True, 0.0)]
+    for r in runs:
+        assert set(r) == set(bench.REFERENCE_FIELDS)
+        assert (r["batch_size"], r["seq_len"]) == (2, 128)
+        if r["compile"] and r["error"]:  # compilation may be unavailable; it must be reported, not crash
+            continue
+        assert r["error"] is None, r
+        assert r["tokens_per_s"] > 0
+    eager = [r for r in runs if not r["compile"]]
+    assert all(r["peak_memory_bytes"] > 0 for r in eager)
+    # the bare loop materialises the full logits (plain cross-entropy), attnlab's chunked loss does not
+    assert eager[0]["peak_memory_bytes"] > eager[1]["peak_memory_bytes"]
+    ratios = result["reference"]["ratios"]
+    assert [r["name"] for r in ratios] == [r["name"] for r in runs if r["path"] == "attnlab"]
+    first = ratios[0]
+    assert first["tokens_per_s_ratio"] == pytest.approx(runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"])
+    assert first["peak_memory_ratio"] == pytest.approx(runs[1]["peak_memory_bytes"] / runs[0]["peak_memory_bytes"])
+    effects = result["reference"]["dropout_effect"]
+    assert [(e["path"], e["compile"], e["dropout"], e["versus_dropout"]) for e in effects] == [
+        ("bare", False, 0.0, 0.1), ("attnlab", False, 0.0, 0.1), ("attnlab", True, 0.0, 0.1)]
+    assert "Ratios (attnlab / bare loop)" in (tmp_path / "run" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("name", registered_names())
+def test_measured_cache_bytes_equal_the_closed_form(name):
+    model = GPT.from_config(TINY_MODEL, name)
+    for context in (17, TINY_MODEL["max_seq_len"]):
+        entry = bench.measure_cache(model, context)
+        assert entry["error"] is None
+        assert entry["matches_closed_form"], entry
+        assert entry["measured_bytes_per_token"] == model.cache_bytes(1, context) / context
+
+
+def test_mha_cache_is_two_vectors_per_layer_and_token():
+    model = GPT.from_config(TINY_MODEL, "mha")
+    entry = bench.measure_cache(model, 32)
+    assert entry["measured_bytes_per_token"] == 2 * TINY_MODEL["n_layers"] * TINY_MODEL["d_model"] * 4
+    assert entry["used_bytes_per_token"] is None and entry["dtype"] == "float32"
+
+
+def test_used_bytes_are_reported_where_a_cache_class_offers_them(monkeypatch):
+    from attnlab.attention import KVCache
+
+    monkeypatch.setattr(KVCache, "used_nbytes", lambda self: 100, raising=False)
+    model = GPT.from_config(TINY_MODEL, "mha")
+    entry = bench.measure_cache(model, 50)
+    assert entry["used_bytes_per_token"] == TINY_MODEL["n_layers"] * 100 / 50
+    assert entry["matches_closed_form"]
+
+
+def _settings(**overrides) -> bench.BenchSettings:
+    return bench.BenchSettings(**{"lengths": [32], "tokens_per_step": 64, "decode_steps": 2, "warmup": 1,
+                                  "repeats": 1, **overrides})
+
+
+def test_a_failing_mechanism_is_recorded_and_the_others_go_on(monkeypatch, one_thread):
+    from attnlab.attention.gqa import GroupedQueryAttention
+
+    def broken(self, x, ctx, cache=None):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(GroupedQueryAttention, "forward", broken)
+    settings = _settings()
+    result = bench.bench_mechanism("mha", "mha", dict(TINY_MODEL), OptimConfig(), settings, torch.device("cpu"),
+                                   "32-true", None)
+    assert result["params"]["total"] > 0
+    for entry in [*result["train"], *result["decode"], *result["cache"]]:
+        assert entry["error"] == "RuntimeError: kernel exploded"
+    assert result["train"][0]["tokens_per_s"] is None
+
+    unknown = bench.bench_mechanism("nope", "no_such_preset", dict(TINY_MODEL), OptimConfig(), settings,
+                                    torch.device("cpu"), "32-true", None)
+    assert "no_such_preset" in unknown["error"]
+    assert set(unknown["train"][0]) == set(bench.TRAIN_FIELDS) and unknown["train"][0]["error"] == unknown["error"]
+
+    identity = bench.bench_mechanism("identity", "identity", dict(TINY_MODEL), OptimConfig(), settings,
+                                     torch.device("cpu"), "32-true", None)
+    assert identity["train"][0]["error"] is None and identity["train"][0]["tokens_per_s"] > 0
+
+
+def test_lengths_beyond_max_seq_len(one_thread):
+    """Rotary models get a longer max_seq_len; learned positions stop at their table."""
+    settings = _settings(lengths=[32, 96], decode_lengths=[96])
+    rope = bench.bench_mechanism("mha", "mha", dict(TINY_MODEL), OptimConfig(), settings, torch.device("cpu"),
+                                 "32-true", None)
+    assert all(e["error"] is None for e in [*rope["train"], *rope["decode"], *rope["cache"]])
+    learned = bench.bench_mechanism("mha", "mha", {**TINY_MODEL, "pos_encoding": "learned"}, OptimConfig(), settings,
+                                    torch.device("cpu"), "32-true", None)
+    assert learned["train"][0]["error"] is None
+    assert "exceeds the limit" in learned["train"][1]["error"]
+    assert "exceeds the limit" in learned["decode"][0]["error"]
+
+
+def test_layer_attention_models_are_benchmarked_once():
+    settings = _settings()
+    labels = bench.mechanisms_to_run(settings, {**TINY_MODEL, "layer_attention": ["mha", "mqa"]})
+    assert list(labels) == ["layers:mha,mqa"]
+    assert list(bench.mechanisms_to_run(_settings(attention=["gqa_2", "mla"]), dict(TINY_MODEL))) == ["gqa_2", "mla"]
+    assert list(bench.mechanisms_to_run(settings, dict(TINY_MODEL))) == registered_names()
+    # `attention=gqa_2` on the command line: that one preset
+    chosen = {"name": "gqa", "n_kv_heads": 2}
+    assert bench.mechanisms_to_run(settings, dict(TINY_MODEL), chosen, "gqa_2") == {"gqa_2": chosen}
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("bench", overrides=overrides)
+
+
+def test_default_config_benchmarks_exp10_with_the_gpt2_vocabulary():
+    settings, model, optim = bench.load_settings(_compose([]))
+    assert model["name"] == "exp10" and model["vocab_size"] == bench.GPT2_VOCAB_SIZE
+    assert settings.lengths == [256, 1024, 4096] and settings.attention is None and not settings.quick
+    assert optim.lr > 0
+
+
+def test_quick_settings_yield_to_command_line_overrides():
+    cfg = _compose(["bench.quick=true", "bench.lengths=[32]", "model.d_model=32"])
+    settings, model, _ = bench.load_settings(cfg, {"bench.lengths", "model.d_model"})
+    assert settings.lengths == [32] and model["d_model"] == 32
+    assert settings.decode_steps == cfg.bench.quick_settings.decode_steps
+    assert (model["name"], model["n_layers"], model["vocab_size"]) == ("quick", 2, 512)
+    settings, model, _ = bench.load_settings(cfg)  # overrides unknown: quick settings win
+    assert settings.lengths == QUICK_LENGTHS and model["d_model"] == 64
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lengths", []), ("lengths", [0, 64]), ("decode_lengths", [-1]), ("attention", []), ("warmup", 0),
+    ("repeats", 0), ("batch_size", 0), ("threads", 0), ("device", "tpu"), ("precision", "fp8"),
+    ("reference_dropouts", [1.5]),
+])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^bench\.{field}="):
+        from_dict(bench.BenchSettings, {field: value}, "bench")
+
+
+def test_bench_model_config_raises_max_seq_len_only_for_rope():
+    assert bench.bench_model_config(dict(TINY_MODEL), 4096).max_seq_len == 4096
+    assert bench.bench_model_config(dict(TINY_MODEL), 16).max_seq_len == TINY_MODEL["max_seq_len"]
+    learned = bench.bench_model_config({**TINY_MODEL, "pos_encoding": "learned"}, 4096)
+    assert isinstance(learned, ModelConfig) and learned.max_seq_len == TINY_MODEL["max_seq_len"]

@@ -1,0 +1,145 @@
+"""The benchmark's instruments: live-tensor peak memory, FLOP counting, matmul peak, timing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab.profiling import (
+    LiveTensorTracker,
+    count_flops,
+    matmul_peak_gflops,
+    state_tensors,
+    summarize,
+    time_calls,
+    track_peak_bytes,
+)
+
+MiB = 2**20
+FLOAT = 4  # bytes per float32
+
+
+def test_peak_is_the_largest_live_set_not_the_sum():
+    """1 MiB allocated and freed, then 2 MiB: the peak is 2 MiB, and nothing is left afterwards."""
+    with LiveTensorTracker() as tracker:
+        a = torch.empty(MiB // FLOAT)
+        del a
+        b = torch.empty(2 * MiB // FLOAT)
+        del b
+    assert tracker.peak == 2 * MiB
+    assert tracker.current == 0
+
+
+def test_tensors_alive_at_once_add_up():
+    """Both operands of an addition are alive while its result is created: 3 x 1 MiB."""
+    n = MiB // FLOAT
+    with LiveTensorTracker() as tracker:
+        torch.ones(n) + torch.ones(n)
+    assert tracker.peak == 3 * MiB
+    assert tracker.peak_op == "aten.add.Tensor"
+
+
+def test_roots_count_from_the_start_and_views_share_their_base():
+    param = torch.zeros(1024)  # 4 KiB alive before the measured code
+    with LiveTensorTracker([param]) as tracker:
+        assert tracker.baseline == 4096
+        x = torch.empty(MiB // FLOAT)
+        views = [x[::2], x.view(-1, 2), x.t() if x.dim() == 2 else x.unsqueeze(0)]
+        y = views[0] * 1  # a real copy of half the elements: 0.5 MiB
+    assert tracker.peak == 4096 + MiB + MiB // 2
+    del x, views, y
+    assert tracker.current == 4096  # the root is still alive
+
+
+def test_tensors_created_before_the_mode_count_when_used():
+    outside = torch.ones(MiB // FLOAT)
+    peak = track_peak_bytes(lambda: outside.sum())
+    assert peak == MiB + FLOAT
+
+
+def test_backward_gradients_and_saved_tensors_are_counted():
+    """A linear layer's step peaks in backward with weight, input (saved by the matmul) and the
+    weight gradient alive, plus a few scalars; the output is not saved, so it is gone by then."""
+    batch, d_in, d_out = 4, 256, 256
+    weight = torch.randn(d_out, d_in, requires_grad=True)
+    x = torch.randn(batch, d_in)
+
+    def step():
+        (x @ weight.t()).sum().backward()
+
+    peak = track_peak_bytes(step, state_tensors(weight, x))
+    expected = FLOAT * (2 * d_out * d_in + batch * d_in)
+    assert expected <= peak <= expected + 64
+    assert weight.grad is not None
+
+
+def test_state_tensors_collects_parameters_gradients_and_optimizer_states():
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    tensors = state_tensors(model, optimizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    # parameters + gradients + exp_avg + exp_avg_sq (and the step counters)
+    assert sum(t.numel() for t in tensors if t.dim() > 0) == 4 * n_params
+
+
+def test_flops_of_a_matmul():
+    m, k, n = 32, 48, 64
+    flops, by_op = count_flops(lambda: torch.randn(m, k) @ torch.randn(k, n))
+    assert flops == 2 * m * n * k
+    assert by_op == {"aten.mm": 2 * m * n * k}
+
+
+def test_flops_of_in_place_and_out_matmuls():
+    m, k, n, b = 8, 16, 32, 3
+    acc, x, y = torch.zeros(m, n), torch.randn(m, k), torch.randn(k, n)
+    flops, _ = count_flops(lambda: (acc.addmm_(x, y), torch.mm(x, y, out=acc)))
+    assert flops == 2 * (2 * m * n * k)
+    batched, bx, by = torch.zeros(b, m, n), torch.randn(b, m, k), torch.randn(b, k, n)
+    flops, _ = count_flops(lambda: batched.baddbmm_(bx, by))
+    assert flops == 2 * b * m * n * k
+
+
+def test_flops_of_cpu_fused_attention_are_counted():
+    """FlopCounterMode alone counts CPU flash attention as 0; ours counts QK^T and PV."""
+    B, H, T, D = 2, 4, 32, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    flops, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert flops == 2 * (2 * B * H * T * T * D)
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak_gflops(torch.float32, 128, repeats=2) > 0
+    assert matmul_peak_gflops(torch.bfloat16, 128, repeats=2) > 0
+
+
+def test_summarize_and_time_calls():
+    stats = summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert stats == {"median": 3.0, "min": 1.0, "max": 5.0, "iqr": 2.0}
+    assert summarize([2.0])["iqr"] == 0.0
+    calls = []
+    seconds = time_calls(lambda: calls.append(1), warmup=2, repeats=3, device=torch.device("cpu"))
+    assert len(calls) == 5 and len(seconds) == 3 and all(s >= 0 for s in seconds)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tracker_agrees_with_the_cuda_allocator():
+    weight = torch.randn(1024, 1024, device="cuda", requires_grad=True)
+    x = torch.randn(64, 1024, device="cuda")
+
+    def step():
+        (x @ weight.t()).relu().sum().backward()
+
+    step()  # cuBLAS allocates its workspace on first use: keep it out of the comparison
+    weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    allocator_peak = torch.cuda.max_memory_allocated() - base
+    weight.grad = None
+    tracked = track_peak_bytes(step, state_tensors(weight, x)) - FLOAT * (weight.numel() + x.numel())
+    # the allocator rounds blocks up to 512 bytes
+    assert abs(tracked - allocator_peak) <= 8 * 512
