@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from attnlab.data import CharTokenizer, ContiguousWindows, DataNotFoundError, LMDataModule, RandomWindows, ShardSampler
-from attnlab.data import datamodule as dm_module
 from attnlab.data import synthetic, wikitext
 from attnlab.loss import IGNORE_INDEX
 from tests.conftest import SHARED_DATA, has_gpt2_ranks, has_shared_data

@@ -19,6 +19,7 @@ from .base import (
     KVCache,
     causal_mask,
     mark_residual_projection,
+    sdpa,
     sdpa_causal,
 )
 from .registry import (
@@ -40,5 +41,5 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "Attention", "AttentionCache", "AttentionConfig", "AttentionContext", "AttentionSpec", "EmptyCache",
     "KVCache", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
-    "register_attention", "registered_names", "resolve_attention", "resolve_layer_attention", "sdpa_causal",
+    "register_attention", "registered_names", "resolve_attention", "resolve_layer_attention", "sdpa", "sdpa_causal",
 ]

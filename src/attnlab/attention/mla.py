@@ -55,7 +55,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig, require
@@ -67,6 +66,7 @@ from .base import (
     AttentionContext,
     causal_mask,
     mark_residual_projection,
+    sdpa,
     sdpa_causal,
 )
 from .registry import register_attention
@@ -200,8 +200,7 @@ class MultiHeadLatentAttention(Attention):
         q = q.reshape(B, 1, H * T, r + self.rope_dim)
         mask = None if T == 1 else causal_mask(T, S, start, q.device).repeat(H, 1)
         keys, values = entries.unsqueeze(1), entries[..., :r].unsqueeze(1)
-        y_latent = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=self.dropout_p,
-                                                  scale=self.scale)
+        y_latent = sdpa(q, keys, values, attn_mask=mask, dropout_p=self.dropout_p, scale=self.scale)
         y = torch.einsum("bhtr,hvr->bhtv", y_latent.view(B, H, T, r), w_uv)
         if self.kv_up.bias is not None:
             y = y + self.kv_up.bias.view(H, 1, self.nope_dim + self.v_dim)[..., self.nope_dim:]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, sdpa_causal
+from .base import AttentionCache, AttentionContext, sdpa, sdpa_causal
 from .gqa import GQAConfig, GroupedQueryAttention
 from .registry import register_attention
 
@@ -116,7 +116,6 @@ def banded_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_prefix: int
     earlier keys (from a cache) followed by the queries' own keys. Returns ``(B, T, H * D)``.
     """
     B, H, T, D = q.shape
-    H_kv = k.shape[1]
     b = min(block, T)
     n_blocks = math.ceil(T / b)
     span = b + window - 1  # keys any row of one block may see
@@ -139,8 +138,7 @@ def banded_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_prefix: int
     mask = band & (padded_index >= pad_front)[:, None, :]  # (n_blocks, b, span)
     mask = mask.expand(B, n_blocks, b, span).reshape(B * n_blocks, 1, b, span)
 
-    y = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask,
-                                       dropout_p=dropout_p, enable_gqa=H_kv != H)  # (B * n_blocks, H, b, D)
+    y = sdpa(q_blocks, k_blocks, v_blocks, attn_mask=mask, dropout_p=dropout_p)  # (B * n_blocks, H, b, D)
     return y.view(B, n_blocks, H, b, D).transpose(2, 3).reshape(B, n_blocks * b, H * D)[:, :T]
 
 
@@ -167,8 +165,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
             # softmax attention does not care about): no mask, no gather.
             cache.write(k, v, start)
             filled = min(start + 1, cache.slots)
-            y = F.scaled_dot_product_attention(q, cache.k[:, :, :filled], cache.v[:, :, :filled],
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            y = sdpa(q, cache.k[:, :, :filled], cache.v[:, :, :filled])
             return self.out_proj(y.transpose(1, 2).reshape(B, 1, -1))
         # Chunked prefill: the cached keys the first new token can still see, then the new ones.
         n_prefix = min(start, self.window - 1)

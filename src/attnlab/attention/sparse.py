@@ -28,12 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, KVCache, causal_mask, sdpa_causal, softmax_scale
+from .base import AttentionCache, AttentionContext, KVCache, causal_mask, sdpa, sdpa_causal, softmax_scale
 from .gqa import GQAConfig, GroupedQueryAttention
 from .registry import register_attention
 
@@ -167,8 +166,7 @@ class SparseAttention(GroupedQueryAttention):
             y = self.attend_gathered(q, k, v, select_top_k(scores, allowed, self.top_k))
         else:
             selected = select_top_k(scores, allowed, self.top_k)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=selected.unsqueeze(1), dropout_p=self.dropout_p,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            y = sdpa(q, k, v, attn_mask=selected.unsqueeze(1), dropout_p=self.dropout_p)
         if wants_kl:
             self.indexer_loss(q, k, scores, allowed, ctx)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -181,8 +179,7 @@ class SparseAttention(GroupedQueryAttention):
         positions = selected.to(q.dtype).topk(self.top_k, dim=-1).indices  # (B, 1, top_k)
         positions = positions.unsqueeze(-1).expand(-1, self.n_kv_heads, -1, self.head_dim)
         k_selected, v_selected = k.gather(2, positions), v.gather(2, positions)
-        return F.scaled_dot_product_attention(q, k_selected, v_selected, dropout_p=self.dropout_p,
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+        return sdpa(q, k_selected, v_selected, dropout_p=self.dropout_p)
 
     @torch.no_grad()
     def attention_target(self, q: Tensor, k: Tensor, allowed: Tensor) -> Tensor:
