@@ -82,13 +82,15 @@ def test_quick_run_reports_every_field_for_every_mechanism(tmp_path):
             assert e["matches_closed_form"], (label, e)
 
     # FLOPs of the MHA model, counted independently: 6 per matmul weight and token (forward,
-    # and the two gradient matmuls), plus attention per layer and token: 4*T*C forward (QK^T, PV)
-    # and 2.5 times that backward (torch's count for the fused kernels' backward).
+    # and the two gradient matmuls), plus causal attention per layer: 4*C per (query, key) pair
+    # forward (QK^T, PV) and 2.5 times that backward (torch's count for the fused kernels'
+    # backward), over the T (T + 1) / 2 pairs of the causal triangle.
     model = result["settings"]["model"]
     mha = result["mechanisms"]["mha"]
     for e in mha["train"]:
-        attention = model["n_layers"] * 14 * e["seq_len"] * model["d_model"]
-        assert e["flops_per_token"] == 6 * matmul_params(mha["params"], model) + attention
+        T, B = e["seq_len"], e["batch_size"]
+        attention = model["n_layers"] * 14 * model["d_model"] * (T * (T + 1) / 2) * B / (T * B)
+        assert e["flops_per_token"] == pytest.approx(6 * matmul_params(mha["params"], model) + attention, rel=1e-6)
 
     run = tmp_path / "run"
     markdown = (run / "bench.md").read_text()

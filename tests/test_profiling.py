@@ -103,11 +103,14 @@ def test_flops_of_in_place_and_out_matmuls():
 
 
 def test_flops_of_cpu_fused_attention_are_counted():
-    """FlopCounterMode alone counts CPU flash attention as 0; ours counts QK^T and PV."""
+    """FlopCounterMode alone counts CPU flash attention as 0; ours counts QK^T and PV, and for a
+    causal call only the triangle of T (T + 1) / 2 scores the kernel computes."""
     B, H, T, D = 2, 4, 32, 16
     q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
-    flops, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    flops, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
     assert flops == 2 * (2 * B * H * T * T * D)
+    flops, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert flops == 2 * (2 * B * H * (T * (T + 1) // 2) * D)
 
 
 def test_matmul_peak_is_positive():

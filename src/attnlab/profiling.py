@@ -114,13 +114,22 @@ def state_tensors(*objects: Any) -> list[Tensor]:
 _aten = torch.ops.aten
 
 
-def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+def _causal_fraction(query_shape, key_shape, is_causal: bool) -> float:
+    """Share of the ``T x S`` score matrix a causal kernel computes: ``(T + 1) / (2 T)`` when the
+    queries are the last ``T`` of ``S`` keys and ``T == S`` (the fused causal kernels skip the rest)."""
+    T, S = query_shape[-2], key_shape[-2]
+    return (T + 1) / (2 * T) if is_causal and T == S else 1.0
 
 
-def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                         **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+def _sdpa_forward_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args,
+                        out_shape=None, **kwargs) -> int:
+    return round(sdpa_flop_count(query_shape, key_shape, value_shape) * _causal_fraction(query_shape, key_shape, is_causal))
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, out_shape_=None, logsumexp_shape=None,
+                         dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    flops = sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    return round(flops * _causal_fraction(query_shape, key_shape, is_causal))
 
 
 def _addmm_inplace_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
@@ -134,7 +143,8 @@ def _baddbmm_inplace_flops(self_shape, batch1_shape, batch2_shape, *args, out_sh
 
 
 #: Ops FlopCounterMode has no formula for: the CPU fused attention kernels (it would count
-#: attention as 0 FLOPs on CPU) and the in-place accumulating matmuls (``grad.addmm_(a, b)``).
+#: attention as 0 FLOPs on CPU; causal calls count the triangle they compute) and the in-place
+#: accumulating matmuls (``grad.addmm_(a, b)``).
 EXTRA_FLOP_FORMULAS = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward_flops,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,

@@ -199,9 +199,12 @@ class MultiHeadLatentAttention(Attention):
         # one (H*T, S) attention, and the cached rows are never repeated per head.
         q = q.reshape(B, 1, H * T, r + self.rope_dim)
         mask = None if T == 1 else causal_mask(T, S, start, q.device).repeat(H, 1)
-        keys, values = entries.unsqueeze(1), entries[..., :r].unsqueeze(1)
-        y_latent = sdpa(q, keys, values, attn_mask=mask, dropout_p=self.dropout_p, scale=self.scale)
-        y = torch.einsum("bhtr,hvr->bhtv", y_latent.view(B, H, T, r), w_uv)
+        # The values are the latents c_kv: pass the whole [c_kv ; k_rope] rows as values (the same
+        # width as the keys, so the fused kernel runs without copying the cache) and drop the
+        # rope columns of the output.
+        rows = entries.unsqueeze(1)
+        y_latent = sdpa(q, rows, rows, attn_mask=mask, dropout_p=self.dropout_p, scale=self.scale)[..., :r]
+        y = torch.einsum("bhtr,hvr->bhtv", y_latent.reshape(B, H, T, r), w_uv)
         if self.kv_up.bias is not None:
             y = y + self.kv_up.bias.view(H, 1, self.nope_dim + self.v_dim)[..., self.nope_dim:]
         return y
