@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from attnlab.config import ModelConfig, divisors, require
 
 from .base import Attention, AttentionCache, AttentionConfig, AttentionContext, KVCache, mark_residual_projection, sdpa_causal
+from .gqa import GroupedQueryAttention
 from .registry import register_attention
 
 ROUTINGS = ("router", "static", "all")
@@ -206,17 +207,9 @@ class MixtureOfHeadsAttention(Attention):
             ctx.record(f"head_frequency/{j}", frequency)
 
     # ----------------------------------------------------------------------------- attention
-    def project(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor, Tensor]:
-        """``x`` ``(B, T, C)`` -> rotated ``q`` ``(B, H, T, D)``, ``k, v`` ``(B, H_kv, T, D)``."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if ctx.rope is not None:
-            q = ctx.rope.rotate(q, ctx.start_pos)
-            k = ctx.rope.rotate(k, ctx.start_pos)
-        return q, k, v
+    #: q/k/v heads are laid out exactly as in GQA: ``x (B, T, C)`` -> rotated ``q (B, H, T, D)``,
+    #: ``k, v (B, H_kv, T, D)``.
+    project = GroupedQueryAttention.project
 
     def attend_groups(self, q: Tensor, k: Tensor, v: Tensor, start: int, first: int, end: int) -> Tensor:
         """Causal attention of the query heads of KV groups ``first .. end-1``: ``(B, (end-first)*G, T, D)``."""
