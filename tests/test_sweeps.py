@@ -81,6 +81,16 @@ def test_report_combines_sweeps_and_marks_pareto_front(tmp_path):
     assert (tmp_path / "out" / "comparison.png").exists() and (tmp_path / "out" / "results.md").exists()
 
 
+def test_report_prints_reference_figures_beside_ours(tmp_path):
+    """experiment=moas_compare stores the study's losses in the config; the table shows them."""
+    for name, preset, loss in (("0", "mha", 2.31), ("1", "moas", 2.30)):
+        _fake_run(tmp_path, name, preset, 0, loss, 1, 1)
+        (tmp_path / name / "config.json").write_text(json.dumps({"report_reference": {"mha": 2.294, "moas": 2.307}}))
+    write_report([tmp_path])
+    table = (tmp_path / "results.md").read_text()
+    assert "study val loss" in table and "| 2.294 |" in table and "| 2.307 |" in table
+
+
 def test_pareto_front():
     points = [(4096, 3.0), (1024, 3.2), (0, 4.0), (2048, 3.3)]  # (KV bytes, loss)
     assert sorted(pareto_front(points)) == [0, 1, 2]

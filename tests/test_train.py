@@ -91,6 +91,11 @@ def test_wandb_offline_writes_a_run(tmp_path):
     assert any(runs[0].glob("*.wandb"))
 
 
+def test_tensorboard_logger_writes_events(tmp_path):
+    run_train([*FAST, "logger=tensorboard"], tmp_path)
+    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
 def test_debug_trainer_runs_one_batch(tmp_path):
     run_train(["experiment=smoke", "trainer=debug", "logger=none"], tmp_path)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnlab.attention import registry as registry_module
 from attnlab.attention import (
     Attention,
     AttentionContext,
@@ -116,8 +117,10 @@ def test_pinned_option_cannot_be_changed(tiny_model_cfg):
         resolve_attention({"name": "mqa", "n_kv_heads": 2}, tiny_model_cfg)
 
 
-def test_register_a_new_mechanism_without_touching_the_model():
+def test_register_a_new_mechanism_without_touching_the_model(monkeypatch):
     """A mechanism defined outside the package plugs into GPT through the registry alone."""
+    # A private copy of the registry, so the test mechanism does not leak into later tests.
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
 
     @register_attention("test_mean_pool")
     class CausalMeanPool(Attention):
@@ -135,6 +138,7 @@ def test_register_a_new_mechanism_without_touching_the_model():
     model = GPT.from_config(TINY_MODEL, "test_mean_pool")
     assert isinstance(model.blocks[0].attn, CausalMeanPool)
     assert model(torch.randint(0, 97, (1, 8))).logits.shape == (1, 8, 97)
+    assert "test_mean_pool" in registered_names()
 
 
 def test_per_layer_attention(tiny_model_cfg):
