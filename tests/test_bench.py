@@ -88,8 +88,7 @@ def test_quick_run_reports_every_field_for_every_mechanism(tmp_path):
     model = result["settings"]["model"]
     mha = result["mechanisms"]["mha"]
     for e in mha["train"]:
-        T, B = e["seq_len"], e["batch_size"]
-        attention = model["n_layers"] * 14 * model["d_model"] * (T * (T + 1) / 2) * B / (T * B)
+        attention = model["n_layers"] * 14 * model["d_model"] * (e["seq_len"] + 1) / 2  # T (T + 1) / 2 pairs / T tokens
         assert e["flops_per_token"] == pytest.approx(6 * matmul_params(mha["params"], model) + attention, rel=1e-6)
 
     run = tmp_path / "run"

@@ -23,9 +23,9 @@ How things are measured:
   (:class:`attnlab.profiling.LiveTensorTracker`); it cannot see inside compiled graphs, so
   compiled CPU runs report no peak.
 * FLOPs are counted by ``FlopCounterMode`` over one training step: they are the FLOPs the
-  implementation *executes*. Attention counts the dense ``T x S`` scores even under a causal mask,
-  and a mechanism with a dense masked path counts the whole product, so FLOPs (and MFU) can
-  exceed the algorithmic minimum. Elementwise work and the optimizer are not counted.
+  implementation *executes*. A fused causal kernel counts the ``T (T + 1) / 2`` scores it computes;
+  an explicit mask (chunked prefill, a mechanism's dense masked path) counts the whole ``T x S``
+  product, so FLOPs (and MFU) can exceed the algorithmic minimum. Elementwise work and the optimizer are not counted.
 
 Every measurement that fails is recorded with its error; the benchmark goes on.
 """
@@ -866,9 +866,9 @@ NOTES = """\
   the peak of live tensor bytes (parameters, gradients, AdamW states and every intermediate),
   tracked op by op. Kernel-internal scratch buffers are not visible to that tracker.
 - FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` over one training step
-  (forward + backward): the FLOPs the implementation executes. Attention is counted as the dense
-  `T x S` score matrix even under a causal mask, and dense masked paths count in full, so FLOPs
-  and MFU can exceed the algorithmic minimum. MFU = FLOPs/token x tokens/s / measured matmul peak
+  (forward + backward): the FLOPs the implementation executes. A fused causal kernel counts the
+  `T (T + 1) / 2` scores it computes; explicitly masked paths count the whole `T x S` product, so
+  FLOPs and MFU can exceed the algorithmic minimum. MFU = FLOPs/token x tokens/s / measured matmul peak
   (bf16 peak for bf16-mixed, fp32 otherwise).
 - Cache bytes per token: the cache tensors' bytes after `L` tokens with `init_cache(1, L)`, over `L`,
   next to the mechanism's closed form `cache_bytes(1, L) / L`.
@@ -980,8 +980,9 @@ def run(cfg: Any) -> dict[str, Any]:
                      "optim": dataclasses.asdict(optim), "argv": sys.argv[1:]},
         "mechanisms": {},
         "reference": None,
-        "notes": {"flops": "FLOPs the implementation executes (FlopCounterMode over forward+backward); dense "
-                           "T x S attention even under causal masks, so they can exceed the algorithmic minimum",
+        "notes": {"flops": "FLOPs the implementation executes (FlopCounterMode over forward+backward); fused causal "
+                           "kernels count their triangle, explicitly masked paths the whole T x S product, so "
+                           "they can exceed the algorithmic minimum",
                   "peak_memory": "cuda: max_memory_allocated; cpu: peak of live tensor bytes (parameters, "
                                  "gradients and optimizer states included), untimed pass"},
     }
