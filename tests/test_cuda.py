@@ -16,6 +16,7 @@ from attnlab.attention import AttentionContext, load_preset, preset_names, resol
 from attnlab.attention import sliding as sliding_module
 from attnlab.config import ModelConfig
 from attnlab.model import GPT
+from attnlab.profiling import count_flops
 from tests.conftest import TINY_MODEL, run_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -95,6 +96,21 @@ def test_bf16_training_step_reaches_every_parameter(preset):
     missing = [n for n, p in gpu.named_parameters()
                if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
     assert not missing, f"no gradient for {missing}"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_flop_count_on_cuda_equals_the_cpu_count(preset):
+    """The CUDA kernels' FLOP formulas (grouped K/V, causal triangle) and the sliding window's
+    fallback under the counter give the CPU's count of a training step."""
+    cpu, gpu = _cpu_and_cuda(preset)
+    idx = torch.randint(0, 97, (2, LONG))
+
+    def step(model, idx):
+        model(idx, targets=torch.roll(idx, -1, dims=1)).loss.backward()
+
+    want, _ = count_flops(lambda: step(cpu.train(), idx))
+    got, _ = count_flops(lambda: step(gpu.train(), idx.cuda()))
+    assert abs(got - want) <= 1e-3 * want  # routed mixtures: a near-tie may route one token differently
 
 
 @pytest.mark.skipif(sliding_module.flex_attention is None, reason="flex attention not in this torch")

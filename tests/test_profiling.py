@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.profiling import (
+    EXTRA_FLOP_FORMULAS,
     LiveTensorTracker,
     count_flops,
     matmul_peak_gflops,
@@ -111,6 +112,27 @@ def test_flops_of_cpu_fused_attention_are_counted():
     assert flops == 2 * (2 * B * H * T * T * D)
     flops, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert flops == 2 * (2 * B * H * (T * (T + 1) // 2) * D)
+
+
+@pytest.mark.parametrize("op_name", ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                                     "_scaled_dot_product_cudnn_attention"])
+def test_cuda_attention_formulas_take_grouped_kv_and_count_the_causal_triangle(op_name):
+    """The CUDA kernels' formulas, fed shapes as FlopCounterMode feeds them (positional arguments in
+    each kernel's own order): grouped K/V count as repeated to every query head, causal calls count
+    T (T + 1) / 2 scores; the backward counts five matmuls (the recomputed scores, dP, dV, dQ, dK)."""
+    B, H, H_kv, T, D = 2, 8, 2, 64, 16
+    q, kv = (B, H, T, D), (B, H_kv, T, D)
+    op = getattr(torch.ops.aten, op_name)
+    forward = EXTRA_FLOP_FORMULAS[op]
+    names = [a.name for a in op.default._schema.arguments]
+    args = {"query": q, "key": kv, "value": kv, "attn_bias": None, "compute_log_sumexp": True, "dropout_p": 0.0,
+            "is_causal": True, "return_debug_mask": False}
+    positional = [args[n] for n in names if n in args]
+    assert forward(*positional, out_shape=q) == 2 * (2 * B * H * (T * (T + 1) // 2) * D)
+    assert forward(q, kv, kv, out_shape=q) == 2 * (2 * B * H * T * T * D)  # defaults: not causal
+    backward = EXTRA_FLOP_FORMULAS[getattr(torch.ops.aten, op_name + "_backward")]
+    grad_name = "grad_out_" if "efficient" in op_name else "grad_out"
+    assert backward(**{grad_name: q, "query": q, "key": kv, "value": kv, "is_causal": False}) == 5 * (2 * B * H * T * T * D)
 
 
 def test_matmul_peak_is_positive():

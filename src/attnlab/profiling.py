@@ -121,15 +121,28 @@ def _causal_fraction(query_shape, key_shape, is_causal: bool) -> float:
     return (T + 1) / (2 * T) if is_causal and T == S else 1.0
 
 
-def _sdpa_forward_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args,
-                        out_shape=None, **kwargs) -> int:
-    return round(sdpa_flop_count(query_shape, key_shape, value_shape) * _causal_fraction(query_shape, key_shape, is_causal))
+def _attention_flop_formula(packet: Any, backward: bool) -> Callable[..., int]:
+    """FLOP formula of one fused attention op, its arguments bound by name from the op's schema
+    (each kernel orders them differently). Grouped K/V (``enable_gqa``: fewer key/value heads than
+    query heads) count as if repeated to every query head, which is what the kernel computes;
+    causal calls count the triangle."""
+    arguments = packet.default._schema.arguments
+    names = [a.name for a in arguments]
+    defaults = {a.name: a.default_value for a in arguments if a.has_default_value()}
 
+    def formula(*args, out_shape=None, **kwargs) -> int:
+        bound = {**defaults, **dict(zip(names, args)), **kwargs}
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        k = (*k[:-3], q[-3], *k[-2:])
+        v = (*v[:-3], q[-3], *v[-2:])
+        if backward:
+            grad_out = bound["grad_out"] if "grad_out" in bound else bound["grad_out_"]
+            flops = sdpa_backward_flop_count(grad_out, q, k, v)
+        else:
+            flops = sdpa_flop_count(q, k, v)
+        return round(flops * _causal_fraction(q, k, bool(bound.get("is_causal", False))))
 
-def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, out_shape_=None, logsumexp_shape=None,
-                         dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
-    flops = sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-    return round(flops * _causal_fraction(query_shape, key_shape, is_causal))
+    return formula
 
 
 def _addmm_inplace_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
@@ -142,12 +155,22 @@ def _baddbmm_inplace_flops(self_shape, batch1_shape, batch2_shape, *args, out_sh
     return 2 * b * m * k * batch2_shape[2]
 
 
-#: Ops FlopCounterMode has no formula for: the CPU fused attention kernels (it would count
-#: attention as 0 FLOPs on CPU; causal calls count the triangle they compute) and the in-place
-#: accumulating matmuls (``grad.addmm_(a, b)``).
+#: Formulas that replace or extend FlopCounterMode's: the fused attention kernels (torch has none
+#: for the CPU kernel, so it would count CPU attention as 0 FLOPs, and its CUDA formulas reject
+#: grouped K/V and ignore causality) and the in-place accumulating matmuls (``grad.addmm_(a, b)``).
+_FUSED_ATTENTION_OPS = {
+    "_scaled_dot_product_flash_attention_for_cpu": False,
+    "_scaled_dot_product_flash_attention_for_cpu_backward": True,
+    "_scaled_dot_product_flash_attention": False,
+    "_scaled_dot_product_flash_attention_backward": True,
+    "_scaled_dot_product_efficient_attention": False,
+    "_scaled_dot_product_efficient_attention_backward": True,
+    "_scaled_dot_product_cudnn_attention": False,
+    "_scaled_dot_product_cudnn_attention_backward": True,
+}
 EXTRA_FLOP_FORMULAS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward_flops,
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    **{getattr(_aten, name): _attention_flop_formula(getattr(_aten, name), backward)
+       for name, backward in _FUSED_ATTENTION_OPS.items() if hasattr(_aten, name)},
     _aten.addmm_: _addmm_inplace_flops,
     _aten.baddbmm_: _baddbmm_inplace_flops,
 }
@@ -156,9 +179,10 @@ EXTRA_FLOP_FORMULAS = {
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """FLOPs executed by ``fn()`` (matmuls, convolutions, attention kernels), and their split by op.
 
-    These are the FLOPs of the operations the implementation runs: fused attention is counted as
-    the dense ``T x S`` score matrix even where the kernel skips masked blocks, and a mechanism
-    that computes a dense masked product counts all of it. Elementwise work is not counted."""
+    These are the FLOPs of the operations the implementation runs: fused causal attention counts
+    the triangle it computes, a mechanism that computes a dense masked product counts all of it.
+    Elementwise work is not counted, nor are kernels FlopCounterMode cannot see (Triton kernels
+    such as flash-linear-attention's)."""
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}

@@ -11,6 +11,7 @@ from attnlab.attention import AttentionContext, resolve_attention
 from attnlab.attention._gated_delta import (
     FLA_AVAILABLE,
     chunk_gated_delta_rule,
+    fla_backward_is_reliable,
     fla_chunk_gated_delta_rule,
     recurrent_gated_delta_rule,
 )
@@ -114,6 +115,27 @@ def test_fla_kernel_equals_naive_recurrence():
     assert got.shape == want.shape and got_final.shape == want_final.shape
     torch.testing.assert_close(got.double().cpu(), want, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(got_final.double().cpu(), want_final, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("capability,triton_version,reliable", [
+    ((9, 0), "3.6.0", False), ((9, 0), "3.4.0", False), ((9, 0), "3.7.0+git1a2b", False),
+    ((9, 0), "3.7.1", True), ((9, 0), "3.3.1", True), ((8, 0), "3.6.0", True), ((10, 0), "3.6.0", True)])
+def test_fla_backward_is_not_trusted_where_triton_miscompiles_it(capability, triton_version, reliable):
+    """fla #640: Hopper with Triton in [3.4.0, 3.7.1) computes wrong gated-chunk gradients."""
+    assert fla_backward_is_reliable(capability, triton_version) is reliable
+
+
+@needs_fla
+def test_bf16_training_through_the_module_matches_float32_gradients():
+    """A grad-requiring bf16 call takes fla where its backward is reliable and the PyTorch chunked
+    path where it is not (fla #640); either way the gradients agree with float32."""
+    _, attn = build(chunk_size=16)
+    attn = attn.float().cuda()
+    x = torch.randn(2, 80, 64, device="cuda", requires_grad=True)
+    want = torch.autograd.grad(attn(x, AttentionContext(None)).square().sum(), x)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = torch.autograd.grad(attn(x, AttentionContext(None)).float().square().sum(), x)[0]
+    assert (got - want).norm() / want.norm() < 3e-2
 
 
 # ----------------------------------------------------------------------------- the module

@@ -36,6 +36,9 @@ Every exponent above is ``<= 0``, so nothing overflows however strong the decay.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,6 +65,33 @@ _fla_chunk_gated_delta_rule = _load_fla_kernel()
 FLA_AVAILABLE = _fla_chunk_gated_delta_rule is not None
 #: Input dtypes every fla version >= 0.2 accepts (0.2 and 0.3 reject float32).
 FLA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+@functools.lru_cache(maxsize=None)
+def fla_backward_is_reliable(capability: tuple[int, int], triton_version: str) -> bool:
+    """Whether fla's gated chunk backward is correct on a GPU of this compute capability.
+
+    fla issue #640: Triton >= 3.4.0 and < 3.7.1 miscompiles the gated ``chunk_bwd_dqkwg`` kernel
+    on Hopper (sm_90): fla >= 0.6 refuses to run it, earlier versions return wrong gradients. On
+    such machines training takes the pure-PyTorch chunked path and fla serves the no-grad
+    forward (evaluation, prefill), which is unaffected. Checked on an H100 with Triton 3.6.0.
+    """
+    return not (capability[0] == 9 and (3, 4, 0) <= _version(triton_version) < (3, 7, 1))
+
+
+def fla_usable(t: Tensor, needs_grad: bool) -> bool:
+    """Whether fla's kernel can compute the chunked rule for ``t``'s device and dtype."""
+    if not (FLA_AVAILABLE and t.device.type == "cuda" and t.dtype in FLA_DTYPES):
+        return False
+    if not needs_grad:
+        return True
+    import triton
+
+    return fla_backward_is_reliable(torch.cuda.get_device_capability(t.device), triton.__version__)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:

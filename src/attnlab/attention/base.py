@@ -15,6 +15,7 @@ interface:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnlab.config import ModelConfig
 from attnlab.layers import mark_residual_projection  # noqa: F401 - re-exported for mechanisms
@@ -163,9 +165,23 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                       scale=scale, enable_gqa=enable_gqa)
+    with _backends_for(q, k):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                           scale=scale, enable_gqa=enable_gqa)
     return y[..., :v_dim] if y.shape[-1] != v_dim else y
+
+
+#: CUDA kernels for calls whose key length changes from call to call (decoding, chunked prefill).
+_VARYING_LENGTH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _backends_for(q: Tensor, k: Tensor) -> contextlib.AbstractContextManager:
+    """cuDNN attention builds an execution graph for every new key length (milliseconds each), so
+    calls with cached keys (query length != key length: a new key length at every decoding step)
+    leave it out; fixed-shape training calls keep SDPA's own choice."""
+    if q.device.type == "cuda" and q.shape[-2] != k.shape[-2]:
+        return sdpa_kernel(_VARYING_LENGTH_BACKENDS)
+    return contextlib.nullcontext()
 
 
 def sdpa_causal(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float = 0.0,

@@ -23,9 +23,10 @@ uses ``expand_v = 2`` with fewer heads.
 Training and prefill run the chunked algorithm of :mod:`attnlab.attention._gated_delta`
 (``O(T)`` time, ``O(T * chunk_size)`` memory), or flash-linear-attention's Triton kernel for
 16-bit activations on CUDA (bf16 autocast) when the optional ``fla`` package (>= 0.2) is
-installed; decoding one token is one step of the recurrence. No rotary embeddings: the
-convolutions and the decay carry the order of tokens. ``model.attn_dropout`` does not apply
-(there are no attention probabilities).
+installed (for training only where its backward is reliable, see
+:func:`~attnlab.attention._gated_delta.fla_backward_is_reliable`); decoding one token is one
+step of the recurrence. No rotary embeddings: the convolutions and the decay carry the order of
+tokens. ``model.attn_dropout`` does not apply (there are no attention probabilities).
 
 Decoding state per sequence and layer, constant in the context length::
 
@@ -47,10 +48,9 @@ from torch import Tensor, nn
 from attnlab.config import ModelConfig, require
 
 from ._gated_delta import (
-    FLA_AVAILABLE,
-    FLA_DTYPES,
     chunk_gated_delta_rule,
     fla_chunk_gated_delta_rule,
+    fla_usable,
     l2_normalize,
     recurrent_gated_delta_rule,
 )
@@ -150,7 +150,7 @@ class GatedDeltaNet(Attention):
         initial = cache.state if cache is not None else None
         if cache is not None and q.shape[2] == 1:
             o, final = recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial)
-        elif q.device.type == "cuda" and FLA_AVAILABLE and v.dtype in FLA_DTYPES:
+        elif fla_usable(v, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))):
             o, final = fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial,
                                                   output_final_state=cache is not None)
         else:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from attnlab.config import ModelConfig, require
 
@@ -96,6 +97,14 @@ def _sliding_block_mask(window: int, seq_len: int, device: torch.device):
 
 
 @functools.cache
+def _under_dispatch_mode() -> bool:
+    """Whether a ``TorchDispatchMode`` (the benchmark's ``FlopCounterMode``) is active outside
+    compilation: compiled flex attention cannot run under one (no dispatch rule for its
+    higher-order op; on an H100 the failed call also made every later compilation of it in the
+    process fail), so the blocked path runs and is what gets counted."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None
+
+
 def _compiled_flex_attention():
     # Uncompiled flex attention runs an unfused reference path; compile once per process.
     return torch.compile(flex_attention, dynamic=False)
@@ -184,7 +193,8 @@ class SlidingWindowAttention(GroupedQueryAttention):
             y = sdpa_causal(q, k, v, n_prefix, self.dropout_p)
             return y.transpose(1, 2).reshape(B, T, H * D)
         if (q.device.type == "cuda" and flex_attention is not None and n_prefix == 0
-                and self.dropout_p == 0.0):  # flex attention has no dropout
+                and self.dropout_p == 0.0  # flex attention has no dropout
+                and not _under_dispatch_mode()):
             block_mask = _sliding_block_mask(self.window, T, q.device)
             y = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_kv_heads != H)
             return y.transpose(1, 2).reshape(B, T, H * D)
