@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks a lent GPU machine runs in one go: the CUDA tests (flash SDPA, flex attention,
 # flash-linear-attention kernels, bf16, train.py trainer=gpu) and the GPU benchmark tables.
-#   bash scripts/gpu_check.sh [out_dir]
+#   bash scripts/gpu_check.sh [out_dir]          STEPS="probe tests exp10" by default; also
+#                                                reference (attnlab vs a bare loop), scaling
 # Packages missing on the machine travel as wheels in .whl/ (installed into /tmp/site). Each step
 # has its own time limit, so one slow step still leaves the others' results in out_dir.
 # BENCH_EXTRA=bench.quick=true makes it a quick smoke run of the script itself (also on a CPU).
@@ -18,6 +19,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 LOG="$OUT_DIR/log.txt"
 step() { echo; echo "=== $1 ($(date +%T))"; }
+STEPS=${STEPS:-probe tests exp10}
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 {
 step "machine"
@@ -31,6 +34,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "lightning", light
       "flex", s.flex_attention is not None, torch.cuda.get_device_name())
 EOF
 
+if wants probe; then
 step "probe: decoding SDPA backends and the chunked loss on this GPU"
 timeout 45 python3 - <<'EOF_PY'
 import time
@@ -72,17 +76,38 @@ for chunk in (0, 256, 1024, 4096):
     torch.cuda.synchronize()
     print(f"loss fwd+bwd 4096 x 50257, chunk {chunk}: {(time.perf_counter() - t0) / 5 * 1e3:.2f} ms")
 EOF_PY
+fi
 
-step "CUDA tests"
-timeout 110 python3 -m pytest -v -p no:cacheprovider -n 16 tests/test_cuda.py tests/attention/test_linear.py \
+if wants tests; then
+step "CUDA tests (fla's Triton kernels compile on first use: minutes)"
+timeout 240 python3 -m pytest -v -p no:cacheprovider -n 16 tests/test_cuda.py tests/attention/test_linear.py \
     tests/test_profiling.py -rfE > "$OUT_DIR/pytest.txt" 2>&1; echo "pytest exit $?"
 grep -E "FAILED|ERROR|passed|failed" "$OUT_DIR/pytest.txt" | tail -25
+fi
 
+if wants exp10; then
 step "bench: every mechanism, exp10, bf16"
-timeout 140 python3 scripts/bench.py hydra.run.dir="$WORK/exp10" "bench.lengths=[1024,4096]" \
+timeout 240 python3 scripts/bench.py hydra.run.dir="$WORK/exp10" "bench.lengths=[1024,4096]" \
     "bench.attention=[mha,gqa_2,mqa,mla,linear,moh,moh_all,moas,moas_top1,static_moas,identity,sparse_256,sliding_256,moh_static,gqa,sparse_512,sliding_512]" \
     bench.tokens_per_step=16384 "bench.decode_lengths=[4096,16384]" bench.decode_steps=16 bench.repeats=3 ${BENCH_EXTRA:-} 2>&1 | tail -45
 cp "$WORK/exp10/bench.json" "$OUT_DIR/exp10.json" 2>/dev/null
+fi
+
+if wants reference; then
+step "bench: attnlab vs a bare loop, exp10, bf16"
+timeout 150 python3 scripts/bench.py hydra.run.dir="$WORK/reference" bench.reference=true \
+    "bench.reference_dropouts=[0.1]" ${BENCH_EXTRA:-} 2>&1 | tail -16
+cp "$WORK/reference/bench.json" "$OUT_DIR/reference.json" 2>/dev/null
+fi
+
+if wants scaling; then
+step "bench: scaling with context, vocabulary 256, one sequence"
+timeout 240 python3 scripts/bench.py hydra.run.dir="$WORK/scaling" \
+    "bench.attention=[mha,mqa,mla,sliding_256,linear,moas,moas_top1,moh,moh_all]" \
+    "bench.lengths=[1024,4096,16384]" bench.batch_size=1 "bench.decode_lengths=[4096,16384]" \
+    bench.decode_steps=16 model.vocab_size=256 ${BENCH_EXTRA:-} 2>&1 | tail -20
+cp "$WORK/scaling/bench.json" "$OUT_DIR/scaling.json" 2>/dev/null
+fi
 
 step "done"
 } 2>&1 | tee "$LOG"

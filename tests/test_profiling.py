@@ -168,3 +168,13 @@ def test_tracker_agrees_with_the_cuda_allocator():
     tracked = track_peak_bytes(step, state_tensors(weight, x)) - FLOAT * (weight.numel() + x.numel())
     # the allocator rounds blocks up to 512 bytes
     assert abs(tracked - allocator_peak) <= 8 * 512
+
+
+def test_flops_are_counted_on_the_plain_aten_paths():
+    """Inside count_flops mechanisms skip Triton kernels (flex attention, fla), which
+    FlopCounterMode cannot see; outside it they may use them."""
+    from attnlab.attention.base import plain_kernels_only
+
+    seen = []
+    count_flops(lambda: seen.append(plain_kernels_only()))
+    assert seen == [True] and not plain_kernels_only()

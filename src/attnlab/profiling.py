@@ -181,9 +181,13 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
 
     These are the FLOPs of the operations the implementation runs: fused causal attention counts
     the triangle it computes, a mechanism that computes a dense masked product counts all of it.
-    Elementwise work is not counted, nor are kernels FlopCounterMode cannot see (Triton kernels
-    such as flash-linear-attention's)."""
-    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+    Elementwise work is not counted. Mechanisms run their ATen paths while counting
+    (:func:`~attnlab.attention.base.plain_kernels`): FlopCounterMode cannot see Triton kernels
+    (flash-linear-attention, compiled flex attention), so on CUDA the count is that of the
+    equivalent PyTorch path (the blocked band for sliding windows, the chunked delta rule)."""
+    from attnlab.attention.base import plain_kernels
+
+    with plain_kernels(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops()), by_op

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import plain_kernels_only
+
 
 def _load_fla_kernel():
     """flash-linear-attention's chunked kernel, or None. Versions before 0.2 read ``(B, H, T, D)``
@@ -84,8 +86,9 @@ def fla_backward_is_reliable(capability: tuple[int, int], triton_version: str) -
 
 
 def fla_usable(t: Tensor, needs_grad: bool) -> bool:
-    """Whether fla's kernel can compute the chunked rule for ``t``'s device and dtype."""
-    if not (FLA_AVAILABLE and t.device.type == "cuda" and t.dtype in FLA_DTYPES):
+    """Whether fla's kernel can compute the chunked rule for ``t``'s device and dtype (never
+    inside :func:`~attnlab.attention.base.plain_kernels`)."""
+    if not (FLA_AVAILABLE and t.device.type == "cuda" and t.dtype in FLA_DTYPES) or plain_kernels_only():
         return False
     if not needs_grad:
         return True

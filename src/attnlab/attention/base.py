@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -150,15 +151,20 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     with ``H_kv`` dividing ``H``, steered onto the fused kernels.
 
     * Grouped K/V: on CPU the fused kernel is faster with K/V repeated to ``H`` heads than with
-      ``enable_gqa`` (measured 142 vs 247 ms fwd+bwd, MQA, T=4096), except for single-token decoding,
-      where repeating would copy the whole cache; elsewhere ``enable_gqa``.
+      ``enable_gqa`` (measured 142 vs 247 ms fwd+bwd, MQA, T=4096); on CUDA only the 16-bit flash
+      kernel takes grouped K/V (float32 would fall back to the unfused math path), so float32
+      repeats too. Single-token decoding never repeats (it would copy the whole cache).
+    * CUDA: never cuDNN attention, which builds an execution graph for every new shape. Measured
+      on an H100 (torch 2.11, whose SDPA picked it for bf16 calls): 58-68 ms per decoding call
+      whose key length grew by one, 0.08 ms with flash. Routed MoAS, whose branch lengths change
+      at every training step, trained 25x slower than dense MoAS there with cuDNN in use.
     * Values narrower than queries/keys (MLA): the fused kernels need one head width, so ``v`` is
       zero-padded and the padding sliced off the output (3x faster than the unfused path on CPU).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     enable_gqa = k.shape[1] != q.shape[1]
-    if enable_gqa and q.device.type == "cpu" and q.shape[2] > 1:
+    if enable_gqa and q.shape[2] > 1 and (q.device.type == "cpu" or q.dtype not in (torch.float16, torch.bfloat16)):
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         enable_gqa = False
@@ -171,17 +177,34 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     return y[..., :v_dim] if y.shape[-1] != v_dim else y
 
 
-#: CUDA kernels for calls whose key length changes from call to call (decoding, chunked prefill).
-_VARYING_LENGTH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+#: CUDA kernels for every call: flash (16-bit), memory-efficient, math; not cuDNN (see :func:`sdpa`).
+_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _backends_for(q: Tensor, k: Tensor) -> contextlib.AbstractContextManager:
-    """cuDNN attention builds an execution graph for every new key length (milliseconds each), so
-    calls with cached keys (query length != key length: a new key length at every decoding step)
-    leave it out; fixed-shape training calls keep SDPA's own choice."""
-    if q.device.type == "cuda" and q.shape[-2] != k.shape[-2]:
-        return sdpa_kernel(_VARYING_LENGTH_BACKENDS)
-    return contextlib.nullcontext()
+    return sdpa_kernel(_CUDA_BACKENDS) if q.device.type == "cuda" else contextlib.nullcontext()
+
+
+_plain_kernel_depth = 0
+
+
+@contextlib.contextmanager
+def plain_kernels() -> Iterator[None]:
+    """Inside, mechanisms compute with ATen operations only: no compiled flex attention, no
+    flash-linear-attention Triton kernels. FLOP counting uses it, since ``FlopCounterMode``
+    cannot see Triton kernels, and compiled flex attention fails under it (on an H100 the
+    failure also made later compilations of flex attention in the process fail)."""
+    global _plain_kernel_depth
+    _plain_kernel_depth += 1
+    try:
+        yield
+    finally:
+        _plain_kernel_depth -= 1
+
+
+def plain_kernels_only() -> bool:
+    """Whether :func:`plain_kernels` is active."""
+    return _plain_kernel_depth > 0
 
 
 def sdpa_causal(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float = 0.0,

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, sdpa, sdpa_causal
+from .base import AttentionCache, AttentionContext, plain_kernels_only, sdpa, sdpa_causal
 from .gqa import GQAConfig, GroupedQueryAttention
 from .registry import register_attention
 
@@ -97,14 +96,6 @@ def _sliding_block_mask(window: int, seq_len: int, device: torch.device):
 
 
 @functools.cache
-def _under_dispatch_mode() -> bool:
-    """Whether a ``TorchDispatchMode`` (the benchmark's ``FlopCounterMode``) is active outside
-    compilation: compiled flex attention cannot run under one (no dispatch rule for its
-    higher-order op; on an H100 the failed call also made every later compilation of it in the
-    process fail), so the blocked path runs and is what gets counted."""
-    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None
-
-
 def _compiled_flex_attention():
     # Uncompiled flex attention runs an unfused reference path; compile once per process.
     return torch.compile(flex_attention, dynamic=False)
@@ -194,7 +185,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
             return y.transpose(1, 2).reshape(B, T, H * D)
         if (q.device.type == "cuda" and flex_attention is not None and n_prefix == 0
                 and self.dropout_p == 0.0  # flex attention has no dropout
-                and not _under_dispatch_mode()):
+                and not plain_kernels_only()):
             block_mask = _sliding_block_mask(self.window, T, q.device)
             y = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_kv_heads != H)
             return y.transpose(1, 2).reshape(B, T, H * D)
