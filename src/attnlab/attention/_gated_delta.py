@@ -78,7 +78,7 @@ def fla_backward_is_reliable(capability: tuple[int, int], triton_version: str) -
     """Whether fla's gated chunk backward is correct on a GPU of this compute capability.
 
     fla issue #640: Triton >= 3.4.0 and < 3.7.1 miscompiles the gated ``chunk_bwd_dqkwg`` kernel
-    on Hopper (sm_90): fla >= 0.6 refuses to run it, earlier versions return wrong gradients. On
+    on Hopper (sm_90), per fla: fla 0.6 refuses to run it, earlier versions run it unchecked. On
     such machines training takes the pure-PyTorch chunked path and fla serves the no-grad
     forward (evaluation, prefill), which is unaffected. Checked on an H100 with Triton 3.6.0.
     """
