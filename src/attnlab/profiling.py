@@ -158,19 +158,14 @@ def _baddbmm_inplace_flops(self_shape, batch1_shape, batch2_shape, *args, out_sh
 #: Formulas that replace or extend FlopCounterMode's: the fused attention kernels (torch has none
 #: for the CPU kernel, so it would count CPU attention as 0 FLOPs, and its CUDA formulas reject
 #: grouped K/V and ignore causality) and the in-place accumulating matmuls (``grad.addmm_(a, b)``).
-_FUSED_ATTENTION_OPS = {
-    "_scaled_dot_product_flash_attention_for_cpu": False,
-    "_scaled_dot_product_flash_attention_for_cpu_backward": True,
-    "_scaled_dot_product_flash_attention": False,
-    "_scaled_dot_product_flash_attention_backward": True,
-    "_scaled_dot_product_efficient_attention": False,
-    "_scaled_dot_product_efficient_attention_backward": True,
-    "_scaled_dot_product_cudnn_attention": False,
-    "_scaled_dot_product_cudnn_attention_backward": True,
-}
+_FUSED_ATTENTION_OPS = [
+    f"_scaled_dot_product_{kernel}{suffix}"
+    for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention")
+    for suffix in ("", "_backward")
+]
 EXTRA_FLOP_FORMULAS = {
-    **{getattr(_aten, name): _attention_flop_formula(getattr(_aten, name), backward)
-       for name, backward in _FUSED_ATTENTION_OPS.items() if hasattr(_aten, name)},
+    **{getattr(_aten, name): _attention_flop_formula(getattr(_aten, name), name.endswith("_backward"))
+       for name in _FUSED_ATTENTION_OPS if hasattr(_aten, name)},
     _aten.addmm_: _addmm_inplace_flops,
     _aten.baddbmm_: _baddbmm_inplace_flops,
 }

@@ -171,7 +171,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
-    with _backends_for(q, k):
+    with _backends_for(q.device):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                            scale=scale, enable_gqa=enable_gqa)
     return y[..., :v_dim] if y.shape[-1] != v_dim else y
@@ -181,8 +181,8 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
 _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _backends_for(q: Tensor, k: Tensor) -> contextlib.AbstractContextManager:
-    return sdpa_kernel(_CUDA_BACKENDS) if q.device.type == "cuda" else contextlib.nullcontext()
+def _backends_for(device: torch.device) -> contextlib.AbstractContextManager:
+    return sdpa_kernel(_CUDA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 _plain_kernel_depth = 0
