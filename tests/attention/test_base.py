@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnlab.attention.base import sdpa, sdpa_causal
 
@@ -24,14 +25,34 @@ def naive_attention(q, k, v, mask=None):
     return out
 
 
+def record_kernel_queries(monkeypatch) -> list[tuple[int, ...]]:
+    """The query shapes ``scaled_dot_product_attention`` is called with from now on."""
+    shapes: list[tuple[int, ...]] = []
+    kernel = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        shapes.append(tuple(q.shape))
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return shapes
+
+
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (4, 1), (8, 2)])
 @pytest.mark.parametrize("v_dim", [16, 8])
-def test_single_token_decoding_reads_grouped_kv(n_heads, n_kv_heads, v_dim):
+@pytest.mark.parametrize("threads", [1, 64])
+def test_single_token_decoding_reads_grouped_kv(n_heads, n_kv_heads, v_dim, threads, monkeypatch):
+    """On CPU the query heads of a KV head are packed into query rows when the (sequence, KV head)
+    pairs keep every thread busy (3 * n_kv_heads >= threads), else the kernel groups them."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    queries = record_kernel_queries(monkeypatch)
     torch.manual_seed(0)
     q = torch.randn(3, n_heads, 1, 16, dtype=torch.float64)
     k = torch.randn(3, n_kv_heads, 11, 16, dtype=torch.float64)
     v = torch.randn(3, n_kv_heads, 11, v_dim, dtype=torch.float64)
     torch.testing.assert_close(sdpa(q, k, v), naive_attention(q, k, v))
+    packed = n_kv_heads < n_heads and 3 * n_kv_heads >= threads
+    assert queries == [(3, n_kv_heads, n_heads // n_kv_heads, 16) if packed else (3, n_heads, 1, 16)]
     # a cache view (a slice of a longer buffer) gives the same result
     buffer_k = torch.randn(3, n_kv_heads, 20, 16, dtype=torch.float64)
     buffer_v = torch.randn(3, n_kv_heads, 20, v_dim, dtype=torch.float64)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from attnlab.attention import AttentionContext, resolve_attention
-from attnlab.attention.moh import MixtureOfHeadsAttention, contiguous_runs
+from attnlab.attention import moh as moh_module
+from attnlab.attention.moh import MixtureOfHeadsAttention, contiguous_runs, strided_slices
 from attnlab.config import ConfigError, ModelConfig
 from attnlab.layers import RotaryEmbedding
 from attnlab.lit_module import LitLM
@@ -217,20 +218,23 @@ def test_router_parameters_are_one_row_per_router_output():
 
 # ----------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("routing", ["router", "static", "all"])
-def test_cached_decoding_equals_full_forward(routing):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_cached_decoding_equals_full_forward(routing, batch_size):
+    """One sequence takes the single-token path (host routing, active heads only), a batch the
+    group path."""
     attn = build(routing)
     if attn.router is not None:
         sharpen_router(attn)
-    x = torch.randn(3, 16, C, dtype=torch.float64)
+    x = torch.randn(batch_size, 16, C, dtype=torch.float64)
     rope = RotaryEmbedding()
     full = attn(x, AttentionContext(rope))
-    cache = attn.init_cache(3, 16, None, torch.float64)
+    cache = attn.init_cache(batch_size, 16, None, torch.float64)
     parts, start = [], 0
     for length in (5, 3) + (1,) * 8:  # prefill, a chunk, then one token at a time
         parts.append(attn(x[:, start:start + length], AttentionContext(rope, start_pos=start), cache))
         start += length
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-12, rtol=1e-10)
-    assert cache.nbytes() == attn.cache_bytes(3, 16, torch.float64) == 2 * 3 * 4 * 8 * 16 * 8
+    assert cache.nbytes() == attn.cache_bytes(batch_size, 16, torch.float64) == 2 * batch_size * 4 * 8 * 16 * 8
 
 
 def spy_on_groups(attn, monkeypatch) -> set[int]:
@@ -260,17 +264,13 @@ def route_by_first_channel(attn, x_last, routed_logits_per_row):
 
 
 @pytest.mark.parametrize("routed_logits,expected_groups", [
-    # routed heads 0, 1 = heads 2, 3 = group 1, all inactive: skipped
-    ([[-5.0, -5.0, 1.0, 2.0, 3.0, 4.0]], {0, 2, 3}),
-    # heads 2 and 4 inactive: groups 1 and 2 each keep one active head, nothing skipped
-    ([[-5.0, 1.0, -5.0, 2.0, 3.0, 4.0]], {0, 1, 2, 3}),
     # heads 6, 7 (group 3) inactive in both rows: skipped
     ([[1.0, 2.0, 3.0, 4.0, -5.0, -5.0], [4.0, 3.0, 2.0, 1.0, -5.0, -6.0]], {0, 1, 2}),
     # row 0 leaves group 1 out, row 1 group 3: each group is needed by one row
     ([[-5.0, -5.0, 1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0, -5.0, -5.0]], {0, 1, 2, 3}),
 ])
-def test_decode_skips_a_kv_group_only_when_its_whole_query_group_is_inactive(routed_logits, expected_groups,
-                                                                             monkeypatch):
+def test_batch_decoding_skips_a_kv_group_only_when_its_whole_query_group_is_inactive(routed_logits,
+                                                                                   expected_groups, monkeypatch):
     attn = build()
     B = len(routed_logits)
     x = torch.randn(B, 11, C, dtype=torch.float64)
@@ -283,6 +283,112 @@ def test_decode_skips_a_kv_group_only_when_its_whole_query_group_is_inactive(rou
     last = attn(x[:, 10:], AttentionContext(rope, start_pos=10), cache)
     assert computed == expected_groups
     torch.testing.assert_close(last, full[:, 10:], atol=1e-12, rtol=1e-10)
+
+
+def spy_on_kernel_calls(cache, monkeypatch) -> list[tuple[int, list[int]]]:
+    """``(query heads, KV groups read)`` of each attention call MoH makes from now on; the groups
+    are found from where the K view starts in the cache and its stride between heads."""
+    calls: list[tuple[int, list[int]]] = []
+    original = moh_module.sdpa
+    head_stride = cache.k.stride(1)
+
+    def spy(q, k, v, *args, **kwargs):
+        first = (k.data_ptr() - cache.k.data_ptr()) // (k.element_size() * head_stride)
+        step = k.stride(1) // head_stride
+        calls.append((q.shape[1], [first + i * step for i in range(k.shape[1])]))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(moh_module, "sdpa", spy)
+    return calls
+
+
+@pytest.mark.parametrize("routed_logits,expected_heads", [
+    # routed heads 0, 1 (heads 2, 3 = group 1) inactive: group 1 is not read
+    ([-5.0, -5.0, 1.0, 2.0, 3.0, 4.0], [0, 1, 4, 5, 6, 7]),
+    # heads 2 and 4 inactive: groups 1 and 2 are read for their other head only
+    ([-5.0, 1.0, -5.0, 2.0, 3.0, 4.0], [0, 1, 3, 5, 6, 7]),
+    # heads 3 and 7 inactive
+    ([2.0, -5.0, 1.0, 3.0, 4.0, -5.0], [0, 1, 2, 4, 5, 6]),
+    # heads 6, 7 inactive: groups 0..2 fully active
+    ([1.0, 2.0, 3.0, 4.0, -5.0, -6.0], [0, 1, 2, 3, 4, 5]),
+])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_single_sequence_decoding_computes_exactly_the_active_heads(routed_logits, expected_heads, threads,
+                                                                    monkeypatch):
+    """Every active query head is computed once, no inactive one is, and each KV group with an
+    active head is read by exactly one call (whatever the thread count the calls are planned for)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    attn = build()
+    x = torch.randn(1, 11, C, dtype=torch.float64)
+    route_by_first_channel(attn, x[:, -1], [routed_logits])
+    rope = RotaryEmbedding()
+    full = attn(x, AttentionContext(rope))
+    cache = attn.init_cache(1, 11, None, torch.float64)
+    attn(x[:, :10], AttentionContext(rope), cache)
+    calls = spy_on_kernel_calls(cache, monkeypatch)
+    last = attn(x[:, 10:], AttentionContext(rope, start_pos=10), cache)
+    torch.testing.assert_close(last, full[:, 10:], atol=1e-12, rtol=1e-10)
+    assert sum(n_heads for n_heads, _ in calls) == len(expected_heads)
+    groups_read = [g for _, groups in calls for g in groups]
+    assert sorted(groups_read) == sorted({h // attn.group_size for h in expected_heads})
+    assert attn.route_one_token(x[:, 10:])[1] == expected_heads
+
+
+def test_decode_plan():
+    """Groups batched by active heads per group, as slices where possible; with 2 threads a third
+    group of 2 active heads runs in a call of its own."""
+    attn = build()
+    device = torch.device("cpu")
+
+    def plan(heads, threads):
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return [(groups, select if isinstance(select, slice) else select.tolist())
+                    for groups, select in attn.decode_plan(tuple(heads), device)]
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    assert plan([0, 1, 2, 3, 4, 5], 2) == [(slice(0, 2, 1), slice(0, 4, 1)), (slice(2, 3, 1), slice(4, 6, 1))]
+    assert plan([0, 1, 2, 3, 4, 5], 1) == [(slice(0, 3, 1), slice(0, 6, 1))]
+    # groups 1, 2 have one active head (3 and 5), groups 0 and 3 two
+    assert plan([0, 1, 3, 5, 6, 7], 2) == [(slice(1, 3, 1), slice(3, 6, 2)), (slice(0, 4, 3), [0, 1, 6, 7])]
+    # groups 0, 1, 3: not evenly spaced, two runs
+    assert plan([0, 1, 2, 3, 6, 7], 2) == [(slice(0, 2, 1), slice(0, 4, 1)), (slice(3, 4, 1), slice(6, 8, 1))]
+
+
+@pytest.mark.parametrize("indices,expected", [
+    ([2], [slice(2, 3, 1)]),
+    ([0, 1, 2], [slice(0, 3, 1)]),
+    ([1, 3], [slice(1, 4, 2)]),
+    ([0, 3, 6], [slice(0, 7, 3)]),
+    ([0, 1, 3], [slice(0, 2, 1), slice(3, 4, 1)]),
+    ([0, 2, 3, 7], [slice(0, 1, 1), slice(2, 4, 1), slice(7, 8, 1)]),
+])
+def test_strided_slices_select_exactly_the_indices(indices, expected):
+    slices = strided_slices(indices)
+    assert slices == expected
+    assert [i for part in slices for i in range(part.start, part.stop, part.step)] == indices
+
+
+@pytest.mark.parametrize("options", ROUTER_CONFIGS + [dict(routing="static"), dict(routing="all")])
+def test_host_routing_of_one_token_equals_route(options):
+    attn = build(**options)
+    if attn.router is not None:
+        sharpen_router(attn)
+    x = torch.randn(1, 7, C, dtype=torch.float64)
+    gates, _ = attn.route(x, AttentionContext(None)) if attn.routing == "router" else (None, None)
+    for t in range(7):
+        weights, heads = attn.route_one_token(x[:, t:t + 1])
+        if attn.routing == "router":
+            expected = gates[0, t]
+        elif attn.routing == "static":
+            expected = attn.static_gates.double()
+        else:
+            assert weights is None and heads == list(range(attn.n_heads))
+            continue
+        torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), expected, atol=1e-12, rtol=1e-10)
+        assert heads == torch.nonzero(expected).flatten().tolist()
 
 
 def test_static_never_computes_the_pruned_group_and_training_computes_all(monkeypatch):

@@ -40,13 +40,15 @@ def _model(spec_id: str, **overrides) -> GPT:
 
 
 @pytest.mark.parametrize("spec_id", ALL_SPECS)
-def test_cached_decoding_equals_full_forward(spec_id):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_cached_decoding_equals_full_forward(spec_id, batch_size):
+    """Both decoding paths: one sequence (some mechanisms specialise it) and a batch."""
     model = _model(spec_id)
-    idx = torch.randint(0, 97, (2, 40))
+    idx = torch.randint(0, 97, (batch_size, 40))
     with torch.no_grad():
         full = model(idx).logits
         # prefill of 17 tokens, a chunk of 5, then one token at a time
-        cache = model.init_cache(2, 40)
+        cache = model.init_cache(batch_size, 40)
         parts = [model(idx[:, :17], cache=cache).logits, model(idx[:, 17:22], cache=cache).logits]
         parts += [model(idx[:, t:t + 1], cache=cache).logits for t in range(22, 40)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=2e-5, rtol=1e-4)
