@@ -218,11 +218,11 @@ def test_router_parameters_are_one_row_per_router_output():
 
 # ----------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("routing", ["router", "static", "all"])
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_cached_decoding_equals_full_forward(routing, batch_size):
-    """One sequence takes the single-token path (host routing, active heads only), a batch the
-    group path."""
-    attn = build(routing)
+@pytest.mark.parametrize("batch_size,skip_heads_from", [(1, 0), (1, 16384), (3, 0)])
+def test_cached_decoding_equals_full_forward(routing, batch_size, skip_heads_from):
+    """One sequence takes the single-token path (host routing; active heads only from
+    ``skip_heads_from`` cached tokens), a batch the group path."""
+    attn = build(routing, skip_heads_from=skip_heads_from)
     if attn.router is not None:
         sharpen_router(attn)
     x = torch.randn(batch_size, 16, C, dtype=torch.float64)
@@ -289,16 +289,21 @@ def spy_on_kernel_calls(cache, monkeypatch) -> list[tuple[int, list[int]]]:
     """``(query heads, KV groups read)`` of each attention call MoH makes from now on; the groups
     are found from where the K view starts in the cache and its stride between heads."""
     calls: list[tuple[int, list[int]]] = []
-    original = moh_module.sdpa
     head_stride = cache.k.stride(1)
 
-    def spy(q, k, v, *args, **kwargs):
-        first = (k.data_ptr() - cache.k.data_ptr()) // (k.element_size() * head_stride)
-        step = k.stride(1) // head_stride
-        calls.append((q.shape[1], [first + i * step for i in range(k.shape[1])]))
-        return original(q, k, v, *args, **kwargs)
+    def spy_on(name):
+        original = getattr(moh_module, name)
 
-    monkeypatch.setattr(moh_module, "sdpa", spy)
+        def spy(q, k, v, *args, **kwargs):
+            first = (k.data_ptr() - cache.k.data_ptr()) // (k.element_size() * head_stride)
+            step = k.stride(1) // head_stride
+            calls.append((q.shape[1], [first + i * step for i in range(k.shape[1])]))
+            return original(q, k, v, *args, **kwargs)
+
+        monkeypatch.setattr(moh_module, name, spy)
+
+    spy_on("sdpa")
+    spy_on("sdpa_causal")
     return calls
 
 
@@ -318,7 +323,7 @@ def test_single_sequence_decoding_computes_exactly_the_active_heads(routed_logit
     """Every active query head is computed once, no inactive one is, and each KV group with an
     active head is read by exactly one call (whatever the thread count the calls are planned for)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    attn = build()
+    attn = build(skip_heads_from=0)
     x = torch.randn(1, 11, C, dtype=torch.float64)
     route_by_first_channel(attn, x[:, -1], [routed_logits])
     rope = RotaryEmbedding()
@@ -332,6 +337,22 @@ def test_single_sequence_decoding_computes_exactly_the_active_heads(routed_logit
     groups_read = [g for _, groups in calls for g in groups]
     assert sorted(groups_read) == sorted({h // attn.group_size for h in expected_heads})
     assert attn.route_one_token(x[:, 10:])[1] == expected_heads
+
+
+@pytest.mark.parametrize("skip_heads_from,computed_heads", [(11, 6), (12, 8)])
+def test_heads_are_skipped_from_the_configured_cache_length(skip_heads_from, computed_heads, monkeypatch):
+    """The last token sees 11 cached positions; heads 2 and 4 (groups 1, 2) are inactive, so the
+    group path computes all 8 query heads and the head path 6."""
+    attn = build(skip_heads_from=skip_heads_from)
+    x = torch.randn(1, 11, C, dtype=torch.float64)
+    route_by_first_channel(attn, x[:, -1], [[-5.0, 1.0, -5.0, 2.0, 3.0, 4.0]])
+    full = attn(x, AttentionContext(None))
+    cache = attn.init_cache(1, 11, None, torch.float64)
+    attn(x[:, :10], AttentionContext(None), cache)
+    calls = spy_on_kernel_calls(cache, monkeypatch)
+    last = attn(x[:, 10:], AttentionContext(None, start_pos=10), cache)
+    torch.testing.assert_close(last, full[:, 10:], atol=1e-12, rtol=1e-10)
+    assert sum(n_heads for n_heads, _ in calls) == computed_heads
 
 
 def test_decode_plan():
@@ -488,6 +509,7 @@ def test_aux_loss_reaches_the_total_loss_and_every_router_gets_gradients():
     (dict(top_k=7), r"attention\.top_k=7; allowed: an integer in \[1, n_heads - n_shared_heads = 6\]"),
     (dict(routing="dense"), r"attention\.routing='dense'; allowed: router \| static \| all"),
     (dict(load_balance_weight=-0.1), r"attention\.load_balance_weight=-0\.1; allowed: a number >= 0"),
+    (dict(skip_heads_from=-1), r"attention\.skip_heads_from=-1; allowed: a number of cached tokens >= 0"),
 ])
 def test_config_errors_name_the_field(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -39,10 +39,11 @@ Heads and cache: MoH has its own ``n_heads`` (``head_dim = d_model / n_heads``),
 n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of every KV head:
 ``2 * n_kv_heads * head_dim`` values per token and layer. What is computed:
 
-* Decoding one sequence (a single token): exactly its active query heads (:meth:`attend_heads`).
-  Routing runs on the host from one copy of the router logits; a KV group is read once for all
-  its active heads (they become query rows of one packed call) and not at all when none is
-  active; K/V are only sliced, never gathered. ``static`` and ``all`` take the same path.
+* Decoding one sequence (a single token): routing runs on the host from one copy of the router
+  logits. From ``skip_heads_from`` cached tokens on, exactly the active query heads are computed
+  (:meth:`attend_heads`): a KV group is read once for all its active heads (they become query
+  rows of one packed call) and not at all when none is active; K/V are only sliced, never
+  gathered. Below, as a batch. ``static`` and ``all`` take the same path.
 * Any other call (a batch, a prompt): the KV groups that some token of the call needs, in
   contiguous runs of groups (slices of K/V); inactive heads inside them are computed and
   weighted 0. ``static`` never computes the groups beyond its heads. Training with ``router``
@@ -52,7 +53,8 @@ n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of 
 With 4 KV heads of 2 query heads, a token's 2 inactive routed heads share a group 1 time in 5;
 otherwise they leave two groups with one active head each, so the saving is the per-head share
 of a group's cost (its K/V is read either way): on 2 CPU cores about 15% of the attention time,
-which outweighs routing from about 32k cached tokens (README, "Scaling with context").
+which outweighs the extra kernel calls and the routing from about 16k cached tokens (README,
+"Scaling with context").
 
 Router init: one bias-free ``nn.Linear`` holding ``[W_r; W_s; W_h]``, initialised by the model's
 GPT-2 init, N(0, 0.02): small logits give near-uniform routing (every active head starts with
@@ -92,6 +94,10 @@ class MoHConfig(AttentionConfig):
     routing: str = "router"
     #: Scale of the load-balance loss (the paper's beta), ``routing=router`` only.
     load_balance_weight: float = 0.01
+    #: Decoding one sequence computes only the active heads once the cache holds this many
+    #: tokens; below, every KV group an active head needs, in fewer and larger kernel calls (on
+    #: 2 CPU cores the extra calls cost more than the skipped heads save below ~16k tokens).
+    skip_heads_from: int = 16384
 
     def validate(self, model: ModelConfig, field: str) -> None:
         require(self.n_heads >= 1 and model.d_model % self.n_heads == 0, f"{field}.n_heads", self.n_heads,
@@ -114,6 +120,8 @@ class MoHConfig(AttentionConfig):
         require(self.routing in ROUTINGS, f"{field}.routing", self.routing, " | ".join(ROUTINGS))
         require(self.load_balance_weight >= 0, f"{field}.load_balance_weight", self.load_balance_weight,
                 "a number >= 0")
+        require(self.skip_heads_from >= 0, f"{field}.skip_heads_from", self.skip_heads_from,
+                "a number of cached tokens >= 0")
 
 
 def contiguous_runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -346,7 +354,14 @@ class MixtureOfHeadsAttention(Attention):
         if B * T == 1 and not ctx.training and not ctx.recording:
             # decoding one sequence: only the token's active heads are computed
             head_weights, heads = self.route_one_token(x)
-            y = self.attend_heads(q, k, v, heads).transpose(1, 2)  # (1, 1, H, D)
+            if k.shape[2] >= self.cfg.skip_heads_from:
+                y = self.attend_heads(q, k, v, heads)
+            else:
+                needed = [False] * self.n_kv_heads
+                for h in heads:
+                    needed[h // self.group_size] = True
+                y = self.attend(q, k, v, ctx.start_pos, needed)
+            y = y.transpose(1, 2)  # (1, 1, H, D)
             if head_weights is not None:
                 y = y * torch.tensor(head_weights, dtype=y.dtype, device=y.device).unsqueeze(-1)
             return self.out_proj(y.reshape(1, 1, -1))
