@@ -307,6 +307,22 @@ def spy_on_kernel_calls(cache, monkeypatch) -> list[tuple[int, list[int]]]:
     return calls
 
 
+def decode_eleventh_token(attn, routed_logits, monkeypatch):
+    """Prefill 10 tokens of one sequence, then decode an 11th whose routed scores are
+    ``routed_logits``, spying on the kernel calls; the decoded output must equal the full forward.
+    Returns the calls and the input ``(1, 11, C)``."""
+    x = torch.randn(1, 11, C, dtype=torch.float64)
+    route_by_first_channel(attn, x[:, -1], [routed_logits])
+    rope = RotaryEmbedding()
+    full = attn(x, AttentionContext(rope))
+    cache = attn.init_cache(1, 11, None, torch.float64)
+    attn(x[:, :10], AttentionContext(rope), cache)
+    calls = spy_on_kernel_calls(cache, monkeypatch)
+    last = attn(x[:, 10:], AttentionContext(rope, start_pos=10), cache)
+    torch.testing.assert_close(last, full[:, 10:], atol=1e-12, rtol=1e-10)
+    return calls, x
+
+
 @pytest.mark.parametrize("routed_logits,expected_heads", [
     # routed heads 0, 1 (heads 2, 3 = group 1) inactive: group 1 is not read
     ([-5.0, -5.0, 1.0, 2.0, 3.0, 4.0], [0, 1, 4, 5, 6, 7]),
@@ -324,15 +340,7 @@ def test_single_sequence_decoding_computes_exactly_the_active_heads(routed_logit
     active head is read by exactly one call (whatever the thread count the calls are planned for)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     attn = build(skip_heads_from=0)
-    x = torch.randn(1, 11, C, dtype=torch.float64)
-    route_by_first_channel(attn, x[:, -1], [routed_logits])
-    rope = RotaryEmbedding()
-    full = attn(x, AttentionContext(rope))
-    cache = attn.init_cache(1, 11, None, torch.float64)
-    attn(x[:, :10], AttentionContext(rope), cache)
-    calls = spy_on_kernel_calls(cache, monkeypatch)
-    last = attn(x[:, 10:], AttentionContext(rope, start_pos=10), cache)
-    torch.testing.assert_close(last, full[:, 10:], atol=1e-12, rtol=1e-10)
+    calls, x = decode_eleventh_token(attn, routed_logits, monkeypatch)
     assert sum(n_heads for n_heads, _ in calls) == len(expected_heads)
     groups_read = [g for _, groups in calls for g in groups]
     assert sorted(groups_read) == sorted({h // attn.group_size for h in expected_heads})
@@ -343,15 +351,8 @@ def test_single_sequence_decoding_computes_exactly_the_active_heads(routed_logit
 def test_heads_are_skipped_from_the_configured_cache_length(skip_heads_from, computed_heads, monkeypatch):
     """The last token sees 11 cached positions; heads 2 and 4 (groups 1, 2) are inactive, so the
     group path computes all 8 query heads and the head path 6."""
-    attn = build(skip_heads_from=skip_heads_from)
-    x = torch.randn(1, 11, C, dtype=torch.float64)
-    route_by_first_channel(attn, x[:, -1], [[-5.0, 1.0, -5.0, 2.0, 3.0, 4.0]])
-    full = attn(x, AttentionContext(None))
-    cache = attn.init_cache(1, 11, None, torch.float64)
-    attn(x[:, :10], AttentionContext(None), cache)
-    calls = spy_on_kernel_calls(cache, monkeypatch)
-    last = attn(x[:, 10:], AttentionContext(None, start_pos=10), cache)
-    torch.testing.assert_close(last, full[:, 10:], atol=1e-12, rtol=1e-10)
+    calls, _ = decode_eleventh_token(build(skip_heads_from=skip_heads_from), [-5.0, 1.0, -5.0, 2.0, 3.0, 4.0],
+                                     monkeypatch)
     assert sum(n_heads for n_heads, _ in calls) == computed_heads
 
 

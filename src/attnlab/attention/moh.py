@@ -352,7 +352,7 @@ class MixtureOfHeadsAttention(Attention):
             k, v = cache.update(k, v, ctx.start_pos)
 
         if B * T == 1 and not ctx.training and not ctx.recording:
-            # decoding one sequence: only the token's active heads are computed
+            # decoding one sequence: routed on the host; only the active heads (or their KV groups) computed
             head_weights, heads = self.route_one_token(x)
             if k.shape[2] >= self.cfg.skip_heads_from:
                 y = self.attend_heads(q, k, v, heads)
