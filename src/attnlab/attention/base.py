@@ -183,13 +183,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     v_dim = v.shape[-1]
     if v_dim < D:
         v = F.pad(v, (0, D - v_dim))
-    if on_cpu:
+    with _backends_for(q.device):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                            scale=scale, enable_gqa=enable_gqa)
-    else:
-        with _backends_for(q.device):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if v_dim != D:
         y = y[..., :v_dim]
     return y.reshape(B, H, T, v_dim) if y.shape[1] != H else y
