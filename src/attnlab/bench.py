@@ -959,7 +959,7 @@ def run(cfg: Any) -> dict[str, Any]:
     ``bench.md`` and the plots into the run directory; return the result."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from attnlab.train import write_json
+    from attnlab.io import write_json
 
     started = time.time()
     settings, model_values, optim = load_settings(cfg, command_line_keys())

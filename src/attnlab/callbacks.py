@@ -15,7 +15,6 @@ for, so ordinary steps pay nothing): 0-d tensors are scalars to log (``layer0/ga
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from attnlab.io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class RoutingAnalysis(Callback):
         import matplotlib.pyplot as plt
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "routing_analysis.json").write_text(json.dumps(result, indent=2))
+        write_json(self.output_dir / "routing_analysis.json", result)
         lines = [f"# Routing analysis ({result['n_tokens']} validation tokens)", "",
                  "Average gate per scheme (MoAS `gates`) or activation frequency per routed head (MoH "
                  "`head_active`), by the token's frequency in the training split (bucket 0 = rarest).", ""]
@@ -273,7 +274,7 @@ class RoutingAnalysis(Callback):
         fig.tight_layout()
         fig.savefig(self.output_dir / "routing_analysis.png", dpi=110)
         plt.close(fig)
-        (self.output_dir / "routing_analysis.md").write_text("\n".join(lines))
+        atomic_write_text(self.output_dir / "routing_analysis.md", "\n".join(lines))
         if trainer is not None:
             for logger in _wandb_loggers(trainer):
                 import wandb

@@ -15,7 +15,6 @@ A job that failed or was killed is listed as such; it never hides the others' re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,6 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from attnlab.io import atomic_write_text, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ class Job:
     config: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     label: str = ""
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _overrides(job_dir: Path, metrics: dict[str, Any]) -> list[str]:
@@ -103,8 +97,8 @@ def find_jobs(roots: list[Path]) -> list[Job]:
     for job_dir in sorted(dirs):
         if (job_dir / "multirun.yaml").exists() and not (job_dir / "metrics.json").exists():
             continue
-        metrics = _read_json(job_dir / "metrics.json") or {}
-        config = _read_json(job_dir / "config.json") or {}
+        metrics = read_json(job_dir / "metrics.json") or {}
+        config = read_json(job_dir / "config.json") or {}
         if not config and (job_dir / ".hydra" / "config.yaml").is_file():
             from omegaconf import OmegaConf
 
@@ -320,20 +314,14 @@ def write_report(sources: list[str | Path], out_dir: str | Path | None = None, w
         "failed": [{"label": j.label, "seed": j.seed, "status": j.status, "path": str(j.path), "error": j.error}
                    for j in jobs if j.status != "completed"],
     }
-    _atomic_write(out / "comprehensive_results.json", json.dumps(result, indent=2, default=str))
-    _atomic_write(out / "results.md", markdown(groups, jobs, sources))
+    write_json(out / "comprehensive_results.json", result)
+    atomic_write_text(out / "results.md", markdown(groups, jobs, sources))
     plot(groups, out / "comparison.png")
     if wandb:
         log_to_wandb(result, out, **wandb)
     n_done = sum(g["n"] for g in groups.values())
     log.info("report: %d completed, %d failed or incomplete jobs -> %s", n_done, len(result["failed"]), out)
     return result
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def log_to_wandb(result: dict[str, Any], out: Path, project: str = "attnlab", group: str | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from omegaconf import DictConfig
 
 from attnlab.attention import AttentionSpec, resolve_layer_attention
 from attnlab.config import ConfigError, ModelConfig, OptimConfig, from_dict, require, to_container
+from attnlab.io import read_json, write_json
 
 log = logging.getLogger("attnlab")
 
@@ -85,14 +85,6 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -283,7 +275,4 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def _read_metrics(output_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((output_dir / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json(output_dir / "metrics.json") or {}
