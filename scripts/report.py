@@ -18,7 +18,8 @@ def main() -> None:
     parser.add_argument("--reference", default=None,
                         help="configuration (or attention preset) the others are compared with "
                              "(default: the runs' report.reference, else mha)")
-    parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B (offline without an API key)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table and figures to W&B (offline without an API key)")
     parser.add_argument("--wandb-project", default="attnlab")
     parser.add_argument("--wandb-group", default=None)
     args = parser.parse_args()
@@ -35,7 +36,8 @@ def main() -> None:
     for diverged in report.summary["diverged"]:
         print(f"    DIVERGED {diverged['label']} seed {diverged['seed']} at step {diverged['diverged_at_step']}")
     for failed in report.summary["failed"]:
-        print(f"    FAILED {failed['label']} seed {failed['seed']}: {(failed['error'] or 'unknown error').splitlines()[0]}")
+        error = (failed["error"] or "unknown error").splitlines()[0]
+        print(f"    FAILED {failed['label']} seed {failed['seed']}: {error}")
     print(f"report: {report.out_dir / 'results.md'}")
 
 

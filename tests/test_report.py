@@ -130,7 +130,7 @@ def test_welch_for_combined_sweeps_through_the_cli(tmp_path, monkeypatch, capsys
     assert c["ci95"] == pytest.approx(list(expected.confidence_interval(0.95))) and c["p_adjusted"] is None
     assert summary["p_values_judged"] == {"final_val_loss": "raw"}
     assert "worse (p=" in printed and "reference" in printed
-    assert "its p-value (a single comparison: no adjustment)" in (out / "results.md").read_text()
+    assert "its p-value (unadjusted: fewer than two comparisons were tested)" in (out / "results.md").read_text()
 
 
 def test_n_too_small_is_said_and_no_p_value_is_given(tmp_path):

@@ -90,6 +90,8 @@ class Job:
     config: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     label: str = ""
+    #: the settings that tell this job's configuration apart from the others' (part of the label)
+    distinct: list[str] = field(default_factory=list)
     diverged_at_step: int | None = None
 
 
@@ -132,7 +134,8 @@ def label_jobs(jobs: list[Job]) -> None:
     """Label = attention preset + the settings that differ between jobs (shared ones say nothing)."""
     common = set.intersection(*(set(j.settings) for j in jobs)) if jobs else set()
     for job in jobs:
-        job.label = " ".join([job.preset or "?"] + [s for s in job.settings if s not in common])
+        job.distinct = [s for s in job.settings if s not in common]
+        job.label = " ".join([job.preset or "?"] + job.distinct)
 
 
 def _tail(path: Path, lines: int = 8) -> str | None:
@@ -273,6 +276,11 @@ def _by_position(records: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     return out
 
 
+def _length_order(length: str) -> tuple[int, str]:
+    """Evaluated lengths (JSON keys) in numeric order."""
+    return (int(length), "") if length.isdigit() else (-1, length)
+
+
 def _eval_lengths(done: list[Job]) -> dict[str, Any]:
     """Per evaluated length: the validation loss/ppl/acc statistics over the runs where it applied,
     or why it did not."""
@@ -281,7 +289,7 @@ def _eval_lengths(done: list[Job]) -> dict[str, Any]:
         for length, record in (job.metrics.get("eval_lengths") or {}).items():
             records[str(length)].append(record or {})
     out: dict[str, Any] = {}
-    for length in sorted(records, key=lambda s: int(s) if s.isdigit() else s):
+    for length in sorted(records, key=_length_order):
         ok = [r for r in records[length] if r.get("status") == "ok"]
         reasons = sorted({r.get("reason") or "no reason given" for r in records[length] if r.get("status") != "ok"})
         if not ok:
@@ -329,7 +337,7 @@ def aggregate(jobs: list[Job]) -> dict[str, Any]:
             "final_loss": statistics.get("final_val_loss", {}).get("mean"),
             "final_perplexity": statistics.get("final_val_ppl", {}).get("mean"),
             "attention_preset": first.preset,
-            "settings": label.split(" ")[1:],
+            "settings": first.distinct,
             "n": len(done),
             "n_diverged": sum(j.status == "diverged" for j in members),
             "n_failed": sum(j.status not in ("completed", "diverged") for j in members),
@@ -394,12 +402,16 @@ def compare_with_reference(groups: dict[str, Any], jobs: list[Job], reference: s
     return {key: stats.adjust(family) for key, family in families.items()}
 
 
+def _settings_of(job: Job) -> dict[str, str]:
+    return dict(s.split("=", 1) for s in job.settings if "=" in s)
+
+
 def swept_setting(jobs: list[Job]) -> str | None:
     """The one numeric setting (besides attention and seed) a sweep varies, else None."""
     done = [j for j in jobs if j.status == "completed"]
     if not done:
         return None
-    values = [dict(s.split("=", 1) for s in j.settings if "=" in s) for j in done]
+    values = [_settings_of(j) for j in done]
     keys = set().union(*values)
     varying = [k for k in keys if any(k not in v for v in values) or len({v[k] for v in values}) > 1]
     if len(varying) != 1 or any(varying[0] not in v for v in values):
@@ -418,7 +430,7 @@ def metric_vs_setting(jobs: list[Job], setting: str) -> dict[str, Any]:
     key = "test_acc" if any(_value(j, "test_acc") is not None for j in done) else PRIMARY
     points: dict[str, dict[float, list[float | None]]] = defaultdict(lambda: defaultdict(list))
     for job in done:
-        value = float(dict(s.split("=", 1) for s in job.settings if "=" in s)[setting])
+        value = float(_settings_of(job)[setting])
         points[job.preset or "?"][value].append(_value(job, key))
     series = {preset: [{"value": x, **stats.summarize(ys)} for x, ys in sorted(by_value.items())]
               for preset, by_value in sorted(points.items())}
@@ -544,11 +556,15 @@ def markdown(groups: dict[str, Any], summary: dict[str, Any]) -> str:
                          "p", "p (BH)", "verdict"], rows)
 
     # every metric's statistics
-    lines += ["", "## Every metric", "", "Mean ± std over the completed seeds, 95% CI of the mean (t distribution), n.", ""]
-    rows = [[f"`{label}`", metric.name, _fmt_stat(groups[label]["statistics"][metric.key], metric.digits),
-             _fmt_ci(groups[label]["statistics"][metric.key], metric.digits),
-             str(groups[label]["statistics"][metric.key]["n"])]
-            for label in order for metric in METRICS if metric.key in groups[label]["statistics"]]
+    lines += ["", "## Every metric", "",
+              "Mean ± std over the completed seeds, 95% CI of the mean (t distribution), n.", ""]
+    rows = []
+    for label in order:
+        for metric in METRICS:
+            stat = groups[label]["statistics"].get(metric.key)
+            if stat is not None:
+                rows.append([f"`{label}`", metric.name, _fmt_stat(stat, metric.digits), _fmt_ci(stat, metric.digits),
+                             str(stat["n"])])
     lines += _table(["configuration", "metric", "mean ± std", "95% CI", "n"], rows)
 
     lines += _eval_length_lines(groups, order)
@@ -589,7 +605,7 @@ def _legend(summary: dict[str, Any], compared: bool) -> list[str]:
                 "`report.reference=<configuration>` or `--reference`)."]
     basis = summary["p_values_judged"].get(PRIMARY, "raw")
     judged = ("its Benjamini-Hochberg adjusted p-value (over this metric's comparisons)" if basis == "adjusted"
-              else "its p-value (a single comparison: no adjustment)")
+              else "its p-value (unadjusted: fewer than two comparisons were tested)")
     return [f"`vs {reference}`: each configuration against `{reference}` (with the same settings) on final "
             "validation loss: a paired t-test when both ran the same seeds (the seed fixes the data order and the "
             "initialisation), else Welch's t-test.",
@@ -600,8 +616,7 @@ def _legend(summary: dict[str, Any], compared: bool) -> list[str]:
 
 
 def _eval_length_lines(groups: dict[str, Any], order: list[str]) -> list[str]:
-    lengths = sorted({length for label in order for length in groups[label]["eval_lengths"]},
-                     key=lambda s: int(s) if s.isdigit() else s)
+    lengths = sorted({length for label in order for length in groups[label]["eval_lengths"]}, key=_length_order)
     if not lengths:
         return []
     rows = []
