@@ -137,7 +137,7 @@ class FiniteModelCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
         # Reading the weights here every step would synchronise the device every step: check
-        # only on the steps this callback is configured to save on.
+        # only on the steps this callback may save on (every step with train_time_interval).
         every = self._every_n_train_steps
         due = (every >= 1 and trainer.global_step % every == 0) or self._train_time_interval is not None
         if due and not self._may_save(pl_module):
