@@ -206,6 +206,25 @@ class OptimConfig:
             require(self.grad_clip > 0, f"{p}.grad_clip", self.grad_clip, "a number > 0 or null (no clipping)")
 
 
+@dataclass
+class EvalConfig:
+    """The ``eval`` group: evaluation of the final weights at other window lengths."""
+
+    #: Window lengths (tokens) at which the validation split is evaluated after the test split.
+    lengths: list = field(default_factory=list)
+    #: At most this many tokens per evaluation forward (batches are split by rows); None: as loaded.
+    max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        p = "eval"
+        lengths_ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.lengths)
+        require(lengths_ok and len(set(self.lengths)) == len(self.lengths), f"{p}.lengths", self.lengths,
+                "a list of distinct integers >= 1 (window lengths in tokens), e.g. [2048, 4096]")
+        if self.max_batch_tokens is not None:
+            require(self.max_batch_tokens >= 1, f"{p}.max_batch_tokens", self.max_batch_tokens,
+                    "null (batches as loaded) or an integer >= 1")
+
+
 def to_container(cfg: Any) -> Any:
     """An OmegaConf node (or anything) as plain Python containers with interpolations resolved."""
     try:
