@@ -175,6 +175,11 @@ def test_divergence_is_a_result_and_the_sweep_goes_on(tmp_path):
     assert diverged["test_loss"] is not None and diverged["test_loss"] < 10
     assert diverged["eval_lengths"]["128"] == {"status": "not_applicable",
                                                "reason": f"the run diverged at step {step}: the final weights are not finite"}
+    # the multirun's report lists the diverged job apart and ranks only the completed one
+    report = json.loads((sweep / "report.json").read_text())
+    assert report["ranking"] == ["mha optim.lr=0.003"]
+    assert [(d["label"], d["diverged_at_step"]) for d in report["diverged"]] == [("mha optim.lr=1000", step)]
+    assert "## Diverged runs" in (sweep / "results.md").read_text()
 
 
 def test_resume_sweep_skips_finished_and_diverged_jobs(tmp_path):
