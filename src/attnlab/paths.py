@@ -1,11 +1,15 @@
-"""Locations the package needs at run time."""
+"""Where attnlab finds its configs, in a checkout and in an installed package alike."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-#: Repository root (the package is installed in editable mode from ``src/``).
-ROOT_DIR = Path(__file__).resolve().parents[2]
-#: Hydra config tree; ``ATTNLAB_CONF_DIR`` points elsewhere for non-editable installs.
-CONF_DIR = Path(os.environ.get("ATTNLAB_CONF_DIR", ROOT_DIR / "conf"))
+#: The Hydra config tree shipped with the package. In a checkout ``src/attnlab/conf`` is a
+#: symlink to the top-level ``conf/`` that users edit, so there is one tree: editable installs and
+#: ``PYTHONPATH=src`` read it through the link, and building a wheel or an sdist copies the files
+#: it points to (``package-data`` in pyproject.toml; the sdist holds them as plain files).
+#: Mapping ``attnlab.conf`` onto ``conf/`` with setuptools' ``package-dir`` builds the same wheel,
+#: but leaves ``src/attnlab`` without its configs: ``PYTHONPATH=src`` would not see them and
+#: editable installs only through setuptools' import hook. Moving the tree into the package with
+#: a top-level link instead would move every config file that other branches edit.
+CONF_DIR = (Path(__file__).resolve().parent / "conf").resolve()
