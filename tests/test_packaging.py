@@ -107,7 +107,8 @@ def _fresh_venv(path: Path, wheel: Path) -> Path:
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel],
          cwd=path.parent)
     purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=path.parent)
-    (Path(purelib.stdout.strip()) / "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    parent = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (Path(purelib.stdout.strip()) / "parent_env.pth").write_text("\n".join(parent) + "\n")
     return path / "bin"
 
 

@@ -44,15 +44,24 @@ def test_presets_from_the_config_path_variable(user_conf, monkeypatch):
     assert load_preset("mha") == {"name": "mha"}
 
 
-def test_presets_follow_the_search_path_of_a_hydra_run(user_conf, monkeypatch):
+def test_presets_follow_the_search_path_of_a_hydra_run(user_conf, tmp_path, monkeypatch):
     monkeypatch.setenv(CONFIG_PATH_ENV, str(user_conf.parent / "elsewhere"))
+    # a project that ships its configs as a package: pkg://user_pkg.conf (Hydra needs the __init__.py)
+    package = tmp_path / "site" / "user_pkg"
+    (package / "conf" / "attention").mkdir(parents=True)
+    for init in (package / "__init__.py", package / "conf" / "__init__.py"):
+        init.write_text("")
+    (package / "conf" / "attention" / "pkg_mqa.yaml").write_text("name: mqa\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"hydra.searchpath=[file://{user_conf}]", "attention=my_gqa"],
-                      return_hydra_config=True)
+        cfg = compose("train", overrides=[f"hydra.searchpath=[file://{user_conf},pkg://user_pkg.conf]",
+                                          "attention=my_gqa"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     try:
-        assert config_dirs()[-2:] == [CONF_DIR, user_conf]  # hydra.conf (pkg), then these: the variable is not read
+        # hydra.conf (pkg), then these in Hydra's order; the variable is not read
+        assert config_dirs()[-3:] == [CONF_DIR, user_conf, package / "conf"]
         assert cfg.attention == load_preset("my_gqa") == {"name": "gqa", "n_kv_heads": 2}
+        assert load_preset("pkg_mqa") == {"name": "mqa"}
         with pytest.raises(ConfigError, match="add directories with --config-dir or hydra.searchpath"):
             load_preset("nowhere")
     finally:
