@@ -9,6 +9,7 @@ any data is loaded or any step is run.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from collections.abc import Mapping
@@ -120,6 +121,21 @@ def require(condition: bool, field: str, value: Any, allowed: str, reason: str |
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def import_modules(modules: Any, field: str = "imports") -> None:
+    """Import the modules of the top-level ``imports`` list (``[my_project.my_attention]``), so the
+    mechanisms they register exist before the rest of the config is validated."""
+    require(modules is None or (isinstance(modules, (list, tuple))
+                                and all(isinstance(m, str) and m for m in modules)),
+            field, modules, "a list of module names, e.g. [my_project.my_attention]")
+    for i, name in enumerate(modules or []):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"{field}[{i}]", name,
+                              "a module importable from sys.path (an installed package, or a directory on PYTHONPATH)",
+                              reason=f"import failed: {error}") from error
 
 
 @dataclass

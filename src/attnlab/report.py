@@ -1,6 +1,6 @@
 """Comparison reports over sweep (or run) directories.
 
-``python scripts/report.py <sweep dir> [<sweep dir> ...] [--reference mha]`` - and automatically
+``attnlab-report <sweep dir> [<sweep dir> ...] [--reference mha]`` (``scripts/report.py`` in a checkout) - and automatically
 at the end of a Hydra multirun - reads every job's ``metrics.json`` (and ``config.json`` /
 ``.hydra``), groups jobs that differ only in their seed into configurations, and writes:
 
@@ -847,4 +847,4 @@ class ReportOnMultirunEnd(_HydraCallback):
         try:
             write_report([sweep_dir], sweep_dir, reference=report_options(config)["reference"], wandb=wandb)
         except Exception:  # a report failure must not turn a finished sweep into a failed one
-            log.exception("writing the sweep report failed; run scripts/report.py %s", sweep_dir)
+            log.exception("writing the sweep report failed; run attnlab-report %s", sweep_dir)

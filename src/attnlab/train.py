@@ -23,7 +23,8 @@ import torch
 from omegaconf import DictConfig
 
 from attnlab.attention import AttentionSpec, resolve_layer_attention
-from attnlab.config import ConfigError, EvalConfig, ModelConfig, OptimConfig, from_dict, require, to_container
+from attnlab.config import (ConfigError, EvalConfig, ModelConfig, OptimConfig, from_dict, import_modules, require,
+                            to_container)
 from attnlab.evaluation import perplexity
 from attnlab.io import read_json, write_json
 
@@ -53,6 +54,7 @@ def validate(cfg: DictConfig) -> RunSetup:
     from attnlab.checkpoint import checkpoint_problem
     from attnlab.data.datamodule import check_block_size
 
+    import_modules(to_container(cfg.get("imports")))  # the user's mechanisms register themselves first
     require(isinstance(cfg.get("seed"), int), "seed", cfg.get("seed"), "an integer")
     require(cfg.get("matmul_precision") in MATMUL_PRECISIONS, "matmul_precision", cfg.get("matmul_precision"),
             " | ".join(MATMUL_PRECISIONS))
