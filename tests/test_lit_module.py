@@ -53,3 +53,24 @@ def test_aux_losses_are_added_to_the_task_loss(monkeypatch):
     total = module.training_step((x, x.roll(-1, 1)), 0)
     task = module.model(x, x.roll(-1, 1)).loss
     assert total.item() == pytest.approx(task.item() + 2.5, abs=1e-5)
+
+
+def test_training_steps_pass_the_optimizer_step_to_every_attention_layer(monkeypatch):
+    module = LitLM(TINY_MODEL, "mha", {})
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    module._trainer = type("T", (), {"log_every_n_steps": 1, "global_step": 7})()  # noqa: SLF001
+    seen = []
+    for block in module.model.blocks:
+        original = block.attn.forward
+
+        def spy(x, ctx, cache=None, original=original):
+            seen.append(ctx.step)
+            return original(x, ctx, cache)
+
+        monkeypatch.setattr(block.attn, "forward", spy)
+    x = torch.randint(0, 97, (2, 16))
+    module.training_step((x, x.roll(-1, 1)), 0)
+    assert seen == [7] * TINY_MODEL["n_layers"]
+    seen.clear()
+    module.model(x)  # outside training: no step
+    assert seen == [None] * TINY_MODEL["n_layers"]

@@ -116,10 +116,11 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: ModelCache | None = None,
-                record_stats: bool = False, last_only: bool = False) -> ModelOutput:
+                record_stats: bool = False, last_only: bool = False, step: int | None = None) -> ModelOutput:
         """``idx`` ``(B, T)`` token ids; ``targets`` ``(B, T)`` next-token ids (``-100`` = not counted).
 
-        With ``cache`` the tokens continue the cached sequence and the cache advances by ``T``."""
+        With ``cache`` the tokens continue the cached sequence and the cache advances by ``T``.
+        ``step``: the optimizer step of a training step (``AttentionContext.step``)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
@@ -129,7 +130,8 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.emb_dropout(x)
-        ctx = AttentionContext(self.rope, start, record_stats, training=self.training, token_ids=idx)
+        ctx = AttentionContext(self.rope, start, record_stats, training=self.training, token_ids=idx,
+                               step=step)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx.scope(f"layer{i}"), cache.layers[i] if cache is not None else None)
         x = self.final_norm(x)
