@@ -32,6 +32,13 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig, require
 
+from ._topk_attention import (
+    DenseIndexerKL,
+    SelectedIndexerKL,
+    attention_probabilities,
+    select_top_k_chunked,
+    selected_attention,
+)
 from .base import AttentionCache, AttentionContext, KVCache, causal_mask, sdpa, sdpa_causal, softmax_scale
 from .gqa import GQAConfig, GroupedQueryAttention
 from .registry import register_attention
@@ -48,6 +55,13 @@ class SparseConfig(GQAConfig):
     #: Scale of the indexer's KL loss. It is the only loss reaching the indexer (whose input is
     #: detached), so it sets the indexer's effective learning rate, not a trade-off with the LM loss.
     indexer_loss_weight: float = 0.01
+    #: Optimizer steps of the dense warm-up stage: main attention dense, the indexer's KL taken
+    #: over all causal positions. After it (and outside training) attention is sparse and the KL
+    #: covers each query's selected keys only.
+    indexer_warmup_steps: int = 0
+    #: Query rows per chunk of the training path (selection, attention, KL): memory holds one
+    #: chunk's ``(chunk_size, H_I, S)`` indexer scores at most.
+    chunk_size: int = 256
 
     def validate(self, model: ModelConfig, field: str) -> None:
         super().validate(model, field)
@@ -59,6 +73,10 @@ class SparseConfig(GQAConfig):
                     "an even integer >= 2", reason="RoPE rotates channel pairs")
         require(self.indexer_loss_weight >= 0, f"{field}.indexer_loss_weight", self.indexer_loss_weight,
                 "a number >= 0")
+        require(isinstance(self.indexer_warmup_steps, int) and self.indexer_warmup_steps >= 0,
+                f"{field}.indexer_warmup_steps", self.indexer_warmup_steps, "an integer >= 0")
+        require(isinstance(self.chunk_size, int) and self.chunk_size >= 1, f"{field}.chunk_size", self.chunk_size,
+                "an integer >= 1")
 
 
 class SparseKVCache(KVCache):
@@ -126,6 +144,11 @@ class SparseAttention(GroupedQueryAttention):
         self.index_n_heads = cfg.index_n_heads
         self.index_head_dim = cfg.index_head_dim
         self.indexer_loss_weight = cfg.indexer_loss_weight
+        self.indexer_warmup_steps = cfg.indexer_warmup_steps
+        self.chunk_size = cfg.chunk_size
+        #: ``"csr"`` or ``"gathered"`` for the training path's attention; None: by device (see
+        #: :func:`~attnlab.attention._topk_attention.selected_attention`). Tests set it.
+        self.kernel: str | None = None
         # one matmul for the indexer queries q_j, the shared key k and the head weights w_j
         self.index_split = (cfg.index_n_heads * cfg.index_head_dim, cfg.index_head_dim, cfg.index_n_heads)
         self.index_proj = nn.Linear(self.d_model, sum(self.index_split), bias=model.bias)
@@ -141,10 +164,15 @@ class SparseAttention(GroupedQueryAttention):
             index_k = ctx.rope.rotate(index_k, ctx.start_pos)
         return index_q, index_k, index_w
 
+    def warming_up(self, ctx: AttentionContext) -> bool:
+        """Whether this is a training step of the dense warm-up stage."""
+        return ctx.training and ctx.step is not None and ctx.step < self.indexer_warmup_steps
+
     def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
         """``(B, T, C) -> (B, T, C)``. Full causal attention while every query may keep all its
-        positions (``top_k >= start + T``); otherwise a one-token step gathers its ``top_k`` keys
-        and a longer block (training, prefill) masks a dense softmax to the selected positions."""
+        positions (``top_k >= start + T``) and during the warm-up; otherwise a one-token step
+        gathers its ``top_k`` keys and a longer block (training, prefill) selects and attends in
+        query chunks."""
         B, T, _ = x.shape
         start = ctx.start_pos
         q, k, v = self.project(x, ctx)
@@ -156,19 +184,32 @@ class SparseAttention(GroupedQueryAttention):
             index_k = cache.update_index_keys(index_k, start)
         S = start + T
         sparse = self.top_k < S
-        wants_kl = ctx.training or ctx.recording
-        allowed = causal_mask(T, S, start, x.device)
-        scores = index_scores(index_q, index_k, index_w) if sparse or wants_kl else None
+        wants_kl = ctx.recording or (ctx.training and self.indexer_loss_weight > 0)
+        scale = softmax_scale(self.head_dim)
 
-        if not sparse:
+        if not sparse or self.warming_up(ctx):
             y = sdpa_causal(q, k, v, start, self.dropout_p)
+            if wants_kl:  # every causal position is selected (or the warm-up's dense target)
+                kl = DenseIndexerKL.apply(index_q, index_k, index_w, q.detach(), k.detach(), start, scale,
+                                          self.chunk_size)
+                self.add_indexer_loss(kl, ctx)
         elif T == 1:
+            allowed = causal_mask(T, S, start, x.device)
+            scores = index_scores(index_q, index_k, index_w)
             y = self.attend_gathered(q, k, v, select_top_k(scores, allowed, self.top_k))
+            if wants_kl:
+                selected = select_top_k(scores, allowed, self.top_k)
+                target = attention_probabilities(q, k, selected, scale)
+                self.add_indexer_loss(indexer_kl(target, scores, selected).mean(), ctx)
         else:
-            selected = select_top_k(scores, allowed, self.top_k)
-            y = sdpa(q, k, v, attn_mask=selected.unsqueeze(1), dropout_p=self.dropout_p)
-        if wants_kl:
-            self.indexer_loss(q, k, scores, allowed, ctx)
+            selection = select_top_k_chunked(index_q, index_k, index_w, start, self.top_k, self.chunk_size,
+                                             keep_for_kl=wants_kl)
+            y, target = selected_attention(q, k, v, selection, scale, self.chunk_size, self.dropout_p,
+                                           want_probs=wants_kl, kernel=self.kernel)
+            if wants_kl:
+                kl = SelectedIndexerKL.apply(index_q, index_k, index_w, selection, target, self.chunk_size)
+                selection.scores = selection.relu = None  # the backward pass needs only the keys
+                self.add_indexer_loss(kl, ctx)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend_gathered(self, q: Tensor, k: Tensor, v: Tensor, selected: Tensor) -> Tensor:
@@ -181,23 +222,8 @@ class SparseAttention(GroupedQueryAttention):
         k_selected, v_selected = k.gather(2, positions), v.gather(2, positions)
         return sdpa(q, k_selected, v_selected, dropout_p=self.dropout_p)
 
-    @torch.no_grad()
-    def attention_target(self, q: Tensor, k: Tensor, allowed: Tensor) -> Tensor:
-        """Dense causal attention probabilities of the main heads, averaged over heads.
-
-        ``q`` ``(B, H, T, D)``, ``k`` ``(B, H_kv, S, D)`` -> ``(B, T, S)``. Query heads of one KV
-        group are stacked along time so each KV head is used once, without repeating it."""
-        B, H, T, D = q.shape
-        S = k.shape[2]
-        grouped_q = q.reshape(B, self.n_kv_heads, (H // self.n_kv_heads) * T, D)
-        logits = (grouped_q @ k.transpose(-1, -2)).view(B, H, T, S) * softmax_scale(D)
-        return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).mean(dim=1)
-
-    def indexer_loss(self, q: Tensor, k: Tensor, scores: Tensor, allowed: Tensor, ctx: AttentionContext) -> None:
-        """Record the indexer's KL to the main attention and, in training, add it as an aux loss."""
-        # at least float32: under bf16 autocast the scores' rounding would dominate a small KL
-        dtype = torch.promote_types(scores.dtype, torch.float32)
-        kl = indexer_kl(self.attention_target(q, k, allowed).to(dtype), scores.to(dtype), allowed).mean()
+    def add_indexer_loss(self, kl: Tensor, ctx: AttentionContext) -> None:
+        """Record the indexer's KL and, in training, add it as an aux loss."""
         ctx.record("indexer_kl", kl)
         if ctx.training and self.indexer_loss_weight > 0:
             ctx.add_aux_loss("indexer_kl", self.indexer_loss_weight * kl)
