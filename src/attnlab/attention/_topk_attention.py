@@ -33,6 +33,7 @@ row ``r``, head ``h`` and the key in ``keys[r, slot]``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .base import sdpa
+from .base import plain_kernels_only, sdpa
 
 
 def query_chunks(start: int, end: int, chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -54,6 +55,19 @@ def query_chunks(start: int, end: int, chunk_size: int) -> Iterator[tuple[int, i
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32: under bf16 autocast the softmax statistics would round too coarsely."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _without_autocast(method):
+    """Run an autograd function's forward or backward with autocast off (the sparse kernels have
+    no 16-bit paths; inputs are cast to :func:`_compute_dtype` inside)."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -264,6 +278,7 @@ class SelectedAttention(torch.autograd.Function):
     averaged over heads ``(B, T, K)`` (the indexer's KL target; no gradient)."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, selection: Selection, scale: float, chunk_size: int,
                 want_probs: bool):
         B, H, T, D = q.shape
@@ -295,6 +310,7 @@ class SelectedAttention(torch.autograd.Function):
         return out.transpose(1, 2).to(q.dtype), probs
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_y: Tensor, grad_probs: Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
         selection, scale = ctx.selection, ctx.scale
@@ -394,9 +410,12 @@ def selected_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, sc
 
     ``kernel``: ``"csr"`` (:class:`SelectedAttention`) or ``"gathered"`` (:func:`gathered_attention`);
     None picks CSR on CPU without attention dropout, gathered SDPA otherwise (CUDA's fused kernels
-    take 16-bit inputs and dropout; CPU's CSR kernels read the keys in place, without copies)."""
+    take 16-bit inputs and dropout; CPU's CSR kernels read the keys in place, without copies).
+    Counting FLOPs (:func:`~attnlab.attention.base.plain_kernels`) takes CSR on every device, so a
+    CUDA count equals the CPU's."""
     if kernel is None:
-        kernel = "csr" if q.device.type == "cpu" and dropout_p == 0 else "gathered"
+        csr = q.device.type == "cpu" or plain_kernels_only()
+        kernel = "csr" if csr and dropout_p == 0 else "gathered"
     if kernel == "csr":
         if dropout_p:
             raise ValueError("the CSR kernel has no attention dropout; use kernel='gathered'")
@@ -434,6 +453,7 @@ class DenseIndexerKL(torch.autograd.Function):
     queries scores its causal keys once and yields its share of the loss and of the gradients."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, index_q: Tensor, index_k: Tensor, index_w: Tensor, q: Tensor, k: Tensor, start: int,
                 scale: float, chunk_size: int) -> Tensor:
         B, H_I, T, D_I = index_q.shape
@@ -483,6 +503,7 @@ class SelectedIndexerKL(torch.autograd.Function):
     chunk in the forward pass; ``index_w`` ``(B, T, H_I)`` gets ``sum_s g_s ReLU(q_j . k_s)``."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, index_q: Tensor, index_k: Tensor, index_w: Tensor, selection: Selection, target: Tensor,
                 chunk_size: int) -> Tensor:
         B, H_I, T, D_I = index_q.shape
