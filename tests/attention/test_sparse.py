@@ -108,23 +108,24 @@ def reference_indexer_kl(x, attn, rope, scores):
     return total / (B * T)
 
 
-def reference_selected_kl(x, attn, rope, scores, mask):
-    """Mean over queries of KL(p || softmax(I)) over each query's selected keys: p the mean over
-    heads of the softmax over those keys, I the indexer scores there."""
+def reference_selected_kl(x, attn, rope, scores, mask, rows=None):
+    """Mean over queries (``rows``: those positions only) of KL(p || softmax(I)) over each query's
+    selected keys: p the mean over heads of the softmax over those keys, I the indexer scores there."""
     w_q, w_k, _ = main_weights(attn)
     B, T, _ = x.shape
     H, H_kv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q = rotate(rope, (x @ w_q.T).view(B, T, H, D)).detach()
     k = rotate(rope, (x @ w_k.T).view(B, T, H_kv, D)).detach()
     total = 0.0
+    rows = range(T) if rows is None else rows
     for b in range(B):
-        for t in range(T):
+        for t in rows:
             positions = mask[b, t].nonzero().flatten()
             target = sum(torch.softmax(torch.stack([q[b, t, h] @ k[b, s, h // (H // H_kv)] for s in positions])
                                        / math.sqrt(D), 0) for h in range(H)) / H
             indexer = torch.softmax(scores[b, t, positions], 0)
             total = total + (target * (target.log() - indexer.log())).sum()
-    return total / (B * T)
+    return total / (B * len(rows))
 
 
 class SdpaSpy:
@@ -346,6 +347,20 @@ def test_warmup_trains_dense_attention_then_the_sparse_path_takes_over():
         for ctx in (AttentionContext(rope, training=True, step=2), AttentionContext(rope, training=True),
                     AttentionContext(rope)):
             torch.testing.assert_close(attn(x, ctx), sparse_reference, atol=1e-10, rtol=1e-9)
+
+
+def test_a_decoding_step_records_the_kl_over_its_selected_keys():
+    _, attn = build(top_k=3, index_head_dim=8)
+    rope = RotaryEmbedding()
+    x = torch.randn(2, 9, 64, dtype=torch.float64)
+    with torch.no_grad():
+        cache = attn.init_cache(2, 9, None, torch.float64)
+        attn(x[:, :8], AttentionContext(rope, 0), cache)
+        ctx = AttentionContext(rope, 8, record_stats=True)
+        attn(x[:, 8:], ctx, cache)
+        scores = reference_index_scores(x, attn, rope)
+        want = reference_selected_kl(x, attn, rope, scores, reference_selection(scores, 3), rows=[8])
+    torch.testing.assert_close(ctx.stats["indexer_kl"], want, atol=1e-10, rtol=1e-9)
 
 
 def test_indexer_kl_is_recorded_but_not_added_outside_training():

@@ -197,10 +197,12 @@ class SparseAttention(GroupedQueryAttention):
             allowed = causal_mask(T, S, start, x.device)
             scores = index_scores(index_q, index_k, index_w)
             y = self.attend_gathered(q, k, v, select_top_k(scores, allowed, self.top_k))
-            if wants_kl:
+            if wants_kl:  # over the selected keys (warm-up steps take the dense branch above)
                 selected = select_top_k(scores, allowed, self.top_k)
-                target = attention_probabilities(q, k, selected, scale)
-                self.add_indexer_loss(indexer_kl(target, scores, selected).mean(), ctx)
+                # at least float32: under bf16 autocast the scores' rounding would dominate a small KL
+                dtype = torch.promote_types(scores.dtype, torch.float32)
+                target = attention_probabilities(q.to(dtype), k.to(dtype), selected, scale)
+                self.add_indexer_loss(indexer_kl(target, scores.to(dtype), selected).mean(), ctx)
         else:
             selection = select_top_k_chunked(index_q, index_k, index_w, start, self.top_k, self.chunk_size,
                                              keep_for_kl=wants_kl)
