@@ -271,6 +271,12 @@ class Attention(nn.Module):
         """Closed form of the bytes :meth:`init_cache` holds for ``context_len`` positions."""
         raise NotImplementedError
 
+    def length_extrapolation_issue(self) -> str | None:
+        """Why this mechanism cannot run on sequences longer than those it was trained on (say, a
+        learned parameter per position), or None when it can. Evaluation at longer windows
+        (``eval.lengths``) reports such lengths as not applicable with this reason."""
+        return None
+
     def reset_mechanism_parameters(self) -> None:
         """Re-initialise parameters that the generic GPT-2 init must not touch (gates, decays...).
 
