@@ -12,9 +12,11 @@ chunk ending at position ``e`` only looks at keys ``< e`` (its causal end). What
   On CPU (:class:`SelectedAttention`) with PyTorch's sparse CSR kernels: one sampled
   matrix product (SDDMM) gives the ``K`` logits of every (query, head), one sparse-dense product
   (SpMM) the output, so no gathered copy of the keys or values is ever written. It is a custom
-  autograd function in the style of flash attention: it saves the output and the log-sum-exp,
-  and the backward pass recomputes the probabilities chunk by chunk; the key and value gradients
-  are sparse-dense products with the transposed selection (built per chunk by one stable sort).
+  autograd function that saves the output and the ``(B, T, H, K)`` probabilities (``O(T * K)``,
+  like the selection; recomputing them from a log-sum-exp as flash attention does would cost one
+  more SDDMM per chunk in the backward pass, a third of its time on CPU); the key and value
+  gradients are sparse-dense products with the transposed selection (built per chunk by one
+  stable sort).
   On CUDA, or with attention dropout, each chunk gathers its keys and values and runs
   ``scaled_dot_product_attention`` with one query per (token, head), under activation
   checkpointing so that the gathered copies are not kept for the backward pass
@@ -272,9 +274,8 @@ def _token_rows(t: Tensor) -> Tensor:
 
 class SelectedAttention(torch.autograd.Function):
     """Softmax attention of ``q`` ``(B, H, T, D)`` over the selected rows of ``k, v`` ``(B, H_kv, S, D)``
-    with sparse CSR kernels, flash-attention style (see the module docstring): per chunk one SDDMM
-    and one SpMM forward; backward recomputes the probabilities from the saved log-sum-exp and
-    runs two SDDMMs, one SpMM and two transposed SpMMs.
+    with sparse CSR kernels (see the module docstring): per chunk one SDDMM and one SpMM forward;
+    backward reads the saved probabilities and runs one SDDMM, one SpMM and two transposed SpMMs.
 
     Returns the output ``(B, H, T, D)`` and, when ``want_probs``, the attention probabilities
     averaged over heads ``(B, T, K)`` (the indexer's KL target; no gradient)."""
@@ -290,7 +291,8 @@ class SelectedAttention(torch.autograd.Function):
         q_rows = q.to(dtype).transpose(1, 2)  # (B, T, H, D)
         k_rows, v_rows = _token_rows(k.to(dtype)), _token_rows(v.to(dtype))
         out = q_rows.new_empty(B, T, H, D)
-        lse = q_rows.new_empty(B, T, H)
+        # for the backward pass only (prefill and evaluation do not keep them)
+        saved_probs = q_rows.new_empty(B, T, H, K) if any(ctx.needs_input_grad[:3]) else None
         probs = q_rows.new_empty(B, T, K) if want_probs else None
         zeros = q_rows.new_zeros(B * min(chunk_size, T) * H * K)
         for (a, b), pattern in chunk_patterns(selection, S, chunk_size).items():
@@ -301,21 +303,22 @@ class SelectedAttention(torch.autograd.Function):
             valid = selection.valid(a, b)
             if valid is not None:
                 logits.masked_fill_(~valid.unsqueeze(2), float("-inf"))
-            lse[:, a:b] = logits.logsumexp(dim=-1)
-            p = logits.sub_(lse[:, a:b, :, None]).exp_()
+            p = logits.softmax(dim=-1)
+            if saved_probs is not None:
+                saved_probs[:, a:b] = p
             out[:, a:b] = _times(crow, col, p.view(-1), v_rows, q_chunk.shape[0]).view(B, b - a, H, D)
             if want_probs:
                 probs[:, a:b] = p.mean(dim=2)
         if want_probs:
             ctx.mark_non_differentiable(probs)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, saved_probs)
         ctx.selection, ctx.scale = selection, scale
         return out.transpose(1, 2).to(q.dtype), probs
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_y: Tensor, grad_probs: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, saved_probs = ctx.saved_tensors
         selection, scale = ctx.selection, ctx.scale
         B, H, T, D = q.shape
         H_kv, S = k.shape[1], k.shape[2]
@@ -335,11 +338,7 @@ class SelectedAttention(torch.autograd.Function):
             crow64, col64 = crow.long(), col.long()
             q_chunk = q_rows[:, a:b].reshape(-1, D)
             grad_chunk = grad_out[:, a:b].reshape(-1, D)
-            logits = _sampled(crow64, col64, q_chunk, k_rows, zeros[:col.numel()], scale).view(B, b - a, H, K)
-            valid = selection.valid(a, b)
-            if valid is not None:
-                logits.masked_fill_(~valid.unsqueeze(2), float("-inf"))
-            p = logits.sub_(lse[:, a:b, :, None]).exp_()
+            p = saved_probs[:, a:b]
             grad_p = _sampled(crow64, col64, grad_chunk, v_rows, zeros[:col.numel()]).view(B, b - a, H, K)
             grad_logits = grad_p.sub_(delta[:, a:b, :, None]).mul_(p).mul_(scale).view(-1)
             grad_q[:, a:b] = _times(crow, col, grad_logits, k_rows, q_chunk.shape[0]).view(B, b - a, H, D)
@@ -347,7 +346,7 @@ class SelectedAttention(torch.autograd.Function):
             end, n_rows = pattern.end, H_kv * B * pattern.end
             grad_k[:, :, :end] += _times(crow_t, col_t, grad_logits.index_select(0, value_index), q_chunk,
                                          n_rows).view(H_kv, B, end, D)
-            grad_v[:, :, :end] += _times(crow_t, col_t, p.view(-1).index_select(0, value_index), grad_chunk,
+            grad_v[:, :, :end] += _times(crow_t, col_t, p.reshape(-1).index_select(0, value_index), grad_chunk,
                                          n_rows).view(H_kv, B, end, D)
         return (grad_q.transpose(1, 2).to(q.dtype), grad_k.transpose(0, 1).to(k.dtype),
                 grad_v.transpose(0, 1).to(v.dtype), None, None, None, None)
