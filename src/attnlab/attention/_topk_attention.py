@@ -480,7 +480,7 @@ class DenseIndexerKL(torch.autograd.Function):
                 grad_scores = log_q.exp_().sub_(target)  # (B, n, e), zero where not allowed
                 grad_w[:, a:b] = torch.einsum("bts,bjts->btj", grad_scores, terms)
                 grad_products = grad_scores.unsqueeze(1) * index_w[:, a:b].transpose(1, 2).unsqueeze(-1)
-                grad_products.masked_fill_(products <= 0, 0.0)  # ReLU
+                grad_products.mul_(terms.sign())  # ReLU: terms >= 0; a product by 0/1 vectorises, a random mask does not
                 grad_q[:, :, a:b] = grad_products @ index_k[:, :end].unsqueeze(1)
                 grad_k[:, :end] += (grad_products.flatten(1, 2).transpose(1, 2)
                                     @ index_q[:, :, a:b].flatten(1, 2))
@@ -533,7 +533,7 @@ class SelectedIndexerKL(torch.autograd.Function):
             for (a, b), pattern in chunk_patterns(selection, S, chunk_size).items():
                 # d KL / d (q_j . k_s) = g_s w_j where the ReLU passes: (B, n, H_I, K)
                 grad_products = (grad_scores[:, a:b].unsqueeze(2) * index_w[:, a:b].unsqueeze(-1)
-                                 ).masked_fill_(relu[:, a:b] <= 0, 0.0).view(-1)
+                                 ).mul_(relu[:, a:b].sign()).view(-1)  # ReLU, as in DenseIndexerKL
                 crow, col = pattern.structure(H_I, 1)
                 q_chunk = q_rows[:, a:b].reshape(-1, D_I)
                 grad_q[:, a:b] = _times(crow, col, grad_products, k_rows, q_chunk.shape[0]).view(B, b - a, H_I, D_I)
