@@ -55,9 +55,9 @@ query's ``top_k`` keys; the main heads attend over those keys only, through kern
 the others (CSR SDDMM/SpMM on CPU, which keeps the ``(T, H, top_k)`` probabilities for its
 backward pass; gathered SDPA on CUDA, recomputed per chunk under checkpointing). Memory is
 ``O(T * top_k)`` plus one chunk. On one CPU thread (exp10 model, vocabulary 256, batch 1;
-``scripts/bench.py ... bench.threads=1``, two runs), ``sparse_256`` trains at 0.38-0.41x
-``mha``'s tokens/s at T=1024 and 0.37-0.42x at T=4096 with 1.44x its peak memory; its step time
-grows about as fast as ``mha``'s from T=1024 to 4096 (6.0x vs 6.6x, 5.9x vs 5.3x). Per layer at T=4096 the indexer's scoring and top-k take about 270 ms, the
+``scripts/bench.py ... bench.threads=1``, three runs on a shared machine), ``sparse_256`` trains
+at 0.30-0.41x ``mha``'s tokens/s at T=1024 and 0.37-0.42x at T=4096 with 1.44x its peak memory;
+its step time grows about as fast as ``mha``'s from T=1024 to 4096 (5.5-6.0x against 5.3-6.9x). Per layer at T=4096 the indexer's scoring and top-k take about 270 ms, the
 attention forward and backward 210 ms and the KL 115 ms, against 160 ms for dense SDPA's forward
 and backward: the indexer scores ``T^2 / 2`` pairs at width ``index_n_heads * index_head_dim``
 (256, twice the exp10 model's query-key width) and the CPU's ``topk`` reads every score, so on
