@@ -15,14 +15,19 @@ class _LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), str(func)
+            if not isinstance(t, torch.Tensor):
+                continue
+            # a sparse tensor holds its stored entries, not its shape's elements
+            size = t.numel() if t.layout == torch.strided else t._nnz()
+            if size > self.largest:
+                self.largest, self.op = size, str(func)
         return out
 
 
 def largest_intermediate(fn, *args, **kwargs) -> tuple[int, str]:
     """Run ``fn`` and return the element count of the largest tensor any ATen op produced (and
-    that op's name): an algorithmic memory bound that does not depend on timing."""
+    that op's name): an algorithmic memory bound that does not depend on timing. Sparse tensors
+    count their stored entries."""
     with _LargestTensor() as mode:
         fn(*args, **kwargs)
     return mode.largest, mode.op

@@ -88,3 +88,26 @@ def test_divergence_is_recorded_on_the_device_and_read_every_few_steps():
     assert trainer.reads == [DIVERGENCE_CHECK_EVERY, 2 * DIVERGENCE_CHECK_EVERY]
     assert module.diverged_at_step == 11 and trainer.should_stop
     assert module.check_divergence() == 11 and len(trainer.reads) == 2  # known: not read again
+
+
+def test_training_steps_pass_the_optimizer_step_to_every_attention_layer(monkeypatch):
+    module = LitLM(TINY_MODEL, "mha", {})
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    trainer = _StepTrainer()
+    trainer.global_step = 7
+    module._trainer = trainer  # noqa: SLF001
+    seen = []
+    for block in module.model.blocks:
+        original = block.attn.forward
+
+        def spy(x, ctx, cache=None, original=original):
+            seen.append(ctx.step)
+            return original(x, ctx, cache)
+
+        monkeypatch.setattr(block.attn, "forward", spy)
+    x = torch.randint(0, 97, (2, 16))
+    module.training_step((x, x.roll(-1, 1)), 0)
+    assert seen == [7] * TINY_MODEL["n_layers"]
+    seen.clear()
+    module.model(x)  # outside training: no step
+    assert seen == [None] * TINY_MODEL["n_layers"]

@@ -93,6 +93,17 @@ def test_flops_of_a_matmul():
     assert by_op == {"aten.mm": 2 * m * n * k}
 
 
+def test_flops_of_sparse_products_count_stored_entries():
+    """A CSR matrix with 5 stored entries of a 3 x 40 shape: a product with a 40 x 6 dense matrix
+    is 5 multiply-adds per column, a sampled product (SDDMM) one dot product of length 7 per entry."""
+    crow, col = torch.tensor([0, 2, 2, 5]), torch.tensor([1, 30, 0, 7, 39])
+    sparse = torch.sparse_csr_tensor(crow, col, torch.randn(5), (3, 40))
+    flops, by_op = count_flops(lambda: torch.sparse.mm(sparse, torch.randn(40, 6)))
+    assert (flops, by_op) == (2 * 5 * 6, {"aten._sparse_addmm": 2 * 5 * 6})
+    flops, by_op = count_flops(lambda: torch.sparse.sampled_addmm(sparse, torch.randn(3, 7), torch.randn(7, 40)))
+    assert (flops, by_op) == (2 * 5 * 7, {"aten.sparse_sampled_addmm": 2 * 5 * 7})
+
+
 def test_flops_of_in_place_and_out_matmuls():
     m, k, n, b = 8, 16, 32, 3
     acc, x, y = torch.zeros(m, n), torch.randn(m, k), torch.randn(k, n)

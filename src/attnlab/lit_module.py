@@ -109,7 +109,7 @@ class LitLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        out = self.model(x, y, record_stats=self.record_stats)
+        out = self.model(x, y, record_stats=self.record_stats, step=self.global_step)
         loss = out.loss
         if out.aux_losses:
             loss = loss + sum(out.aux_losses.values())

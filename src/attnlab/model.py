@@ -121,13 +121,15 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: ModelCache | None = None,
-                record_stats: bool = False, last_only: bool = False, per_token: bool = False) -> ModelOutput:
+                record_stats: bool = False, last_only: bool = False, per_token: bool = False,
+                step: int | None = None) -> ModelOutput:
         """``idx`` ``(B, T)`` token ids; ``targets`` ``(B, T)`` next-token ids (``-100`` = not counted).
 
         With ``cache`` the tokens continue the cached sequence and the cache advances by ``T``.
         Rotary models take sequences longer than ``max_seq_len`` (evaluation beyond the training
         context); learned positions stop at their table. ``per_token`` also returns each token's
-        loss and correctness (evaluation by position)."""
+        loss and correctness (evaluation by position). ``step``: the optimizer step of a training
+        step (``AttentionContext.step``)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
@@ -139,7 +141,8 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.emb_dropout(x)
-        ctx = AttentionContext(self.rope, start, record_stats, training=self.training, token_ids=idx)
+        ctx = AttentionContext(self.rope, start, record_stats, training=self.training, token_ids=idx,
+                               step=step)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx.scope(f"layer{i}"), cache.layers[i] if cache is not None else None)
         x = self.final_norm(x)

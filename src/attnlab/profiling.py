@@ -155,9 +155,25 @@ def _baddbmm_inplace_flops(self_shape, batch1_shape, batch2_shape, *args, out_sh
     return 2 * b * m * k * batch2_shape[2]
 
 
+def _sparse_times_dense_flops(self, mat1, mat2, *args, out_val=None, **kwargs) -> int:
+    """``_sparse_addmm(self, sparse, dense)``: one multiply-add per stored entry and dense column."""
+    return 2 * mat1._nnz() * mat2.shape[-1]
+
+
+def _sampled_addmm_flops(self, mat1, mat2, *args, out_val=None, **kwargs) -> int:
+    """``sparse_sampled_addmm(pattern, a, b)`` (SDDMM): one dot product of length ``a.shape[-1]`` per stored entry."""
+    return 2 * self._nnz() * mat1.shape[-1]
+
+
+# sparse operands: the formulas read the number of stored entries, not just shapes
+_sparse_times_dense_flops._get_raw = True  # type: ignore[attr-defined]
+_sampled_addmm_flops._get_raw = True  # type: ignore[attr-defined]
+
+
 #: Formulas that replace or extend FlopCounterMode's: the fused attention kernels (torch has none
 #: for the CPU kernel, so it would count CPU attention as 0 FLOPs, and its CUDA formulas reject
-#: grouped K/V and ignore causality) and the in-place accumulating matmuls (``grad.addmm_(a, b)``).
+#: grouped K/V and ignore causality), the in-place accumulating matmuls (``grad.addmm_(a, b)``)
+#: and the sparse CSR products of sparse attention (which it does not count).
 _FUSED_ATTENTION_OPS = [
     f"_scaled_dot_product_{kernel}{suffix}"
     for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention")
@@ -168,6 +184,8 @@ EXTRA_FLOP_FORMULAS = {
        for name in _FUSED_ATTENTION_OPS if hasattr(_aten, name)},
     _aten.addmm_: _addmm_inplace_flops,
     _aten.baddbmm_: _baddbmm_inplace_flops,
+    _aten._sparse_addmm: _sparse_times_dense_flops,
+    _aten.sparse_sampled_addmm: _sampled_addmm_flops,
 }
 
 

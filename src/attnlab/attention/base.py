@@ -47,6 +47,8 @@ class AttentionContext:
     """What one forward pass shares with every attention layer.
 
     ``start_pos`` is the absolute position of ``x[:, 0]`` (non-zero while decoding with a cache).
+    ``step`` is the optimizer step during training (``None`` otherwise), for mechanisms whose
+    behaviour changes with training progress (the sparse indexer's warm-up).
     Aux losses are summed over layers by name; statistics are stored per layer under
     ``"<scope>/<name>"`` and only when ``record_stats`` was requested, so they cost nothing in
     ordinary steps.
@@ -54,9 +56,10 @@ class AttentionContext:
 
     def __init__(self, rope: RotaryEmbedding | None, start_pos: int = 0, record_stats: bool = False,
                  *, _aux: dict | None = None, _stats: dict | None = None, _prefix: str = "",
-                 training: bool = False, token_ids: Tensor | None = None):
+                 training: bool = False, token_ids: Tensor | None = None, step: int | None = None):
         self.rope = rope
         self.start_pos = start_pos
+        self.step = step
         self.aux_losses: dict[str, Tensor] = {} if _aux is None else _aux
         self.stats: dict[str, Tensor] | None = ({} if record_stats else None) if _stats is None else _stats
         self.prefix = _prefix
@@ -72,7 +75,7 @@ class AttentionContext:
         """A view whose statistics are stored under ``<prefix><name>/`` (aux losses stay shared)."""
         return AttentionContext(self.rope, self.start_pos, _aux=self.aux_losses,
                                 _stats=self.stats, _prefix=f"{self.prefix}{name}/",
-                                training=self.training, token_ids=self.token_ids)
+                                training=self.training, token_ids=self.token_ids, step=self.step)
 
     def add_aux_loss(self, name: str, value: Tensor) -> None:
         """Add an (already weighted) auxiliary loss; it reaches the total training loss."""
