@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, plain_kernels_only, sdpa, sdpa_causal
+from .base import AttentionCache, AttentionContext, plain_kernels_only, sdpa, sdpa_causal, visible_through
 from .gqa import GQAConfig, GroupedQueryAttention
 from .registry import register_attention
 
@@ -78,6 +78,15 @@ class RollingKVCache(AttentionCache):
         slot = torch.arange(end - keep, end, device=k.device) % self.slots
         self.k.index_copy_(2, slot, k[:, :, -keep:])
         self.v.index_copy_(2, slot, v[:, :, -keep:])
+
+    def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Static step: store one token's ``k, v`` ``(B, H_kv, 1, D)`` of the 0-d tensor ``position``
+        in slot ``position % W``; return the whole buffers ``(B, H_kv, W, D)`` and the mask of the
+        slots written so far ``(1, 1, 1, W)`` (all of them from position ``W - 1`` on)."""
+        slot = (position % self.slots).view(1)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return self.k, self.v, visible_through(position, self.slots)
 
     def recent(self, end: int, count: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions ``end-count..end``, in order: ``(B, H_kv, count, D)``."""
@@ -176,6 +185,16 @@ class SlidingWindowAttention(GroupedQueryAttention):
             y = self.attend(q, k, v, n_prefix=0)
         cache.write(k, v, start)  # after reading: the new tokens may overwrite the prefix's slots
         return self.out_proj(y)
+
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """One token over the rolling buffer: once written, its slots hold exactly the visible keys
+        (in slot order, which softmax attention does not care about); before, the unwritten ones
+        are masked."""
+        assert isinstance(cache, RollingKVCache)
+        q, k, v = self.project(x, ctx)
+        k, v, visible = cache.update_at(k, v, ctx.start_pos)
+        y = sdpa(q, k, v, attn_mask=visible)
+        return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, n_prefix: int) -> Tensor:
         """``q`` ``(B, H, T, D)`` over ``k, v`` ``(B, H_kv, n_prefix + T, D)`` -> ``(B, T, H * D)``."""
