@@ -58,9 +58,10 @@ class AttentionContext:
 
     def __init__(self, rope: RotaryEmbedding | None, start_pos: int | Tensor = 0, record_stats: bool = False,
                  *, _aux: dict | None = None, _stats: dict | None = None, _prefix: str = "",
-                 training: bool = False, token_ids: Tensor | None = None):
+                 training: bool = False, token_ids: Tensor | None = None, _visible: dict | None = None):
         self.rope = rope
         self.start_pos = start_pos
+        self._visible: dict[int, Tensor] = {} if _visible is None else _visible
         self.aux_losses: dict[str, Tensor] = {} if _aux is None else _aux
         self.stats: dict[str, Tensor] | None = ({} if record_stats else None) if _stats is None else _stats
         self.prefix = _prefix
@@ -76,7 +77,18 @@ class AttentionContext:
         """A view whose statistics are stored under ``<prefix><name>/`` (aux losses stay shared)."""
         return AttentionContext(self.rope, self.start_pos, _aux=self.aux_losses,
                                 _stats=self.stats, _prefix=f"{self.prefix}{name}/",
-                                training=self.training, token_ids=self.token_ids)
+                                training=self.training, token_ids=self.token_ids, _visible=self._visible)
+
+    def visible(self, length: int) -> Tensor:
+        """In a static step: the boolean ``(1, 1, 1, length)`` mask of the slots ``0..start_pos`` of
+        a pre-allocated buffer, the ones written so far (a rolling buffer's slot ``s`` holds a
+        position ``<= start_pos`` exactly when ``s <= start_pos`` too). Built once per step and
+        length, shared by every layer."""
+        mask = self._visible.get(length)
+        if mask is None:
+            mask = (torch.arange(length, device=self.start_pos.device) <= self.start_pos).view(1, 1, 1, length)
+            self._visible[length] = mask
+        return mask
 
     def add_aux_loss(self, name: str, value: Tensor) -> None:
         """Add an (already weighted) auxiliary loss; it reaches the total training loss."""
@@ -141,20 +153,13 @@ class KVCache(AttentionCache):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
         """Static step: write one token's ``k, v`` ``(B, H_kv, 1, D)`` at the 0-d tensor ``position``;
-        return the whole buffers ``(B, H_kv, S_max, D)`` and the mask of the positions written so
-        far, ``visible_through(position, S_max)``."""
+        return the whole buffers ``(B, H_kv, S_max, D)`` (mask them with ``ctx.visible(S_max)``)."""
         index = position.view(1)
         self.k.index_copy_(2, index, k)
         self.v.index_copy_(2, index, v)
-        return self.k, self.v, visible_through(position, self.max_len)
-
-
-def visible_through(position: Tensor, length: int) -> Tensor:
-    """Boolean ``(1, 1, 1, length)`` attention mask, True at slots ``0..position`` (a 0-d tensor):
-    a static step attends over the whole pre-allocated buffer and masks what is not written yet."""
-    return (torch.arange(length, device=position.device) <= position).view(1, 1, 1, length)
+        return self.k, self.v
 
 
 def causal_mask(q_len: int, k_len: int, start: int, device: torch.device | str) -> Tensor:

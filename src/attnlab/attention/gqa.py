@@ -73,7 +73,8 @@ class GroupedQueryAttention(Attention):
         """One token over the whole pre-allocated cache, unwritten positions masked."""
         assert isinstance(cache, KVCache)
         q, k, v = self.project(x, ctx)
-        k, v, visible = cache.update_at(k, v, ctx.start_pos)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
         y = sdpa(q, k, v, attn_mask=visible)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 

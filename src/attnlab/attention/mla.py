@@ -68,7 +68,6 @@ from .base import (
     mark_residual_projection,
     sdpa,
     sdpa_causal,
-    visible_through,
 )
 from .registry import register_attention
 
@@ -119,11 +118,11 @@ class MLACache(AttentionCache):
         self.entries[:, start:end] = entries
         return self.entries[:, :end]
 
-    def update_at(self, entries: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
+    def update_at(self, entries: Tensor, position: Tensor) -> Tensor:
         """Static step: write one token's ``entries`` ``(B, 1, r + d_r)`` at the 0-d tensor
-        ``position``; return all ``S_max`` rows and the mask of the written ones ``(1, 1, 1, S_max)``."""
+        ``position``; return all ``S_max`` rows."""
         self.entries.index_copy_(1, position.view(1), entries)
-        return self.entries, visible_through(position, self.max_len)
+        return self.entries
 
 
 @register_attention("mla")
@@ -186,7 +185,8 @@ class MultiHeadLatentAttention(Attention):
         """One token over every cached row, the unwritten ones masked (absorbed unless ``absorb: false``)."""
         assert isinstance(cache, MLACache)
         q_nope, q_rope, entries = self.project(x, ctx)
-        entries, visible = cache.update_at(entries, ctx.start_pos)
+        entries = cache.update_at(entries, ctx.start_pos)
+        visible = ctx.visible(entries.shape[1])
         attend = self.attend_absorbed if self.absorb else self.attend_unabsorbed
         y = attend(q_nope, q_rope, entries, visible=visible)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))

@@ -396,7 +396,8 @@ class MixtureOfHeadsAttention(Attention):
         assert isinstance(cache, KVCache)
         B = x.shape[0]
         q, k, v = self.project(x, ctx)
-        k, v, visible = cache.update_at(k, v, ctx.start_pos)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
         y = sdpa(q, k, v, attn_mask=visible).transpose(1, 2)  # (B, 1, H, D)
         if self.routing == "router":
             y = y * self.route(x, ctx)[0].to(y.dtype).unsqueeze(-1)

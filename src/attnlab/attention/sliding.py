@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, plain_kernels_only, sdpa, sdpa_causal, visible_through
+from .base import AttentionCache, AttentionContext, plain_kernels_only, sdpa, sdpa_causal
 from .gqa import GQAConfig, GroupedQueryAttention
 from .registry import register_attention
 
@@ -79,14 +79,13 @@ class RollingKVCache(AttentionCache):
         self.k.index_copy_(2, slot, k[:, :, -keep:])
         self.v.index_copy_(2, slot, v[:, :, -keep:])
 
-    def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
         """Static step: store one token's ``k, v`` ``(B, H_kv, 1, D)`` of the 0-d tensor ``position``
-        in slot ``position % W``; return the whole buffers ``(B, H_kv, W, D)`` and the mask of the
-        slots written so far ``(1, 1, 1, W)`` (all of them from position ``W - 1`` on)."""
+        in slot ``position % W``; return the whole buffers ``(B, H_kv, W, D)``."""
         slot = (position % self.slots).view(1)
         self.k.index_copy_(2, slot, k)
         self.v.index_copy_(2, slot, v)
-        return self.k, self.v, visible_through(position, self.slots)
+        return self.k, self.v
 
     def recent(self, end: int, count: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions ``end-count..end``, in order: ``(B, H_kv, count, D)``."""
@@ -192,7 +191,8 @@ class SlidingWindowAttention(GroupedQueryAttention):
         are masked."""
         assert isinstance(cache, RollingKVCache)
         q, k, v = self.project(x, ctx)
-        k, v, visible = cache.update_at(k, v, ctx.start_pos)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
         y = sdpa(q, k, v, attn_mask=visible)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 

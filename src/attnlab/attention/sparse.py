@@ -196,7 +196,8 @@ class SparseAttention(GroupedQueryAttention):
         B = x.shape[0]
         q, k, v = self.project(x, ctx)
         index_q, index_k, index_w = self.project_index(x, ctx)
-        k, v, visible = cache.update_at(k, v, ctx.start_pos)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
         index_k = cache.update_index_keys_at(index_k, ctx.start_pos)
         if self.top_k >= cache.max_len:
             y = sdpa(q, k, v, attn_mask=visible)
