@@ -174,3 +174,17 @@ def test_generate_with_compile_falls_back_to_eager_without_a_static_step(caplog)
         out = model.generate(prompt, max_new_tokens=5, temperature=0, compile=True)
     assert torch.equal(out, model.generate(prompt, max_new_tokens=5, temperature=0))
     assert "decoding eagerly" in caplog.text and "routed top_k=1" in caplog.text
+
+
+@pytest.mark.parametrize("attention", STATIC_STEP_ATTENTION, ids=lambda a: a if isinstance(a, str) else a["name"])
+def test_static_step_under_bf16_autocast_matches_eager_decoding(attention):
+    """16-bit rows written into a float32 cache (both paths), to bf16 rounding."""
+    model = GPT.from_config(TINY_MODEL, attention).eval()
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, static = model.init_cache(2, 24), model.init_cache(2, 24)
+        model(idx[:, :8], cache=eager)
+        model(idx[:, :8], cache=static)
+        expected = [model(idx[:, t:t + 1], cache=eager).logits[:, -1] for t in range(8, 24)]
+        steps = [model.step(idx[:, t:t + 1], static) for t in range(8, 24)]
+    torch.testing.assert_close(torch.stack(steps), torch.stack(expected), atol=0.05, rtol=0.05)

@@ -157,8 +157,9 @@ class KVCache(AttentionCache):
         """Static step: write one token's ``k, v`` ``(B, H_kv, 1, D)`` at the 0-d tensor ``position``;
         return the whole buffers ``(B, H_kv, S_max, D)`` (mask them with ``ctx.visible(S_max)``)."""
         index = position.view(1)
-        self.k.index_copy_(2, index, k)
-        self.v.index_copy_(2, index, v)
+        # (under autocast the new rows may be 16-bit while the cache keeps its own dtype)
+        self.k.index_copy_(2, index, k.to(self.k.dtype))
+        self.v.index_copy_(2, index, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -183,8 +184,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
       16, 16,384 cached tokens, 2 cores: 298 vs 386 us per call with ``enable_gqa``). The kernel
       parallelises over (sequence, KV head), so it packs only when those keep every thread busy
       (MQA, one sequence: 318 vs 278 us). A mask shared by the heads and the query (a static
-      decoding step's written positions) is shared by the packed rows too. CUDA calls are left
-      to its kernels (not measured).
+      decoding step's written positions) is shared by the packed rows too. On CUDA only such
+      masked single-token calls are packed: flash attention, the kernel that takes grouped K/V,
+      takes no mask, and the memory-efficient kernel that does then runs ``G`` query rows per KV
+      head instead of the unfused math path (reasoned from the kernels' constraints, not
+      measured); unmasked calls are left to the flash kernel.
     * CUDA: never cuDNN attention, which builds an execution graph for every new shape. Measured
       on an H100 (torch 2.11, whose SDPA picked it for bf16 calls): 58-68 ms per decoding call
       whose key length grew by one, 0.08 ms with flash. Routed MoAS, whose branch lengths change
@@ -200,7 +204,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     enable_gqa = H_kv != H
     # a mask broadcast over heads and the query row (a static step's written positions) fits packed rows too
     shared_mask = attn_mask is None or (attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1))
-    if enable_gqa and T == 1 and shared_mask and on_cpu and B * H_kv >= cpu_threads():
+    if enable_gqa and T == 1 and shared_mask and (B * H_kv >= cpu_threads() if on_cpu else attn_mask is not None):
         # one query per head: the G query heads of a KV head become G query rows of that head
         q = q.reshape(B, H_kv, H // H_kv, D)
         enable_gqa = False

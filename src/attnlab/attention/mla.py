@@ -121,7 +121,7 @@ class MLACache(AttentionCache):
     def update_at(self, entries: Tensor, position: Tensor) -> Tensor:
         """Static step: write one token's ``entries`` ``(B, 1, r + d_r)`` at the 0-d tensor
         ``position``; return all ``S_max`` rows."""
-        self.entries.index_copy_(1, position.view(1), entries)
+        self.entries.index_copy_(1, position.view(1), entries.to(self.entries.dtype))
         return self.entries
 
 

@@ -76,15 +76,16 @@ class RollingKVCache(AttentionCache):
         keep = min(k.shape[2], self.slots)
         end = start + k.shape[2]
         slot = torch.arange(end - keep, end, device=k.device) % self.slots
-        self.k.index_copy_(2, slot, k[:, :, -keep:])
-        self.v.index_copy_(2, slot, v[:, :, -keep:])
+        # (under autocast the new rows may be 16-bit while the cache keeps its own dtype)
+        self.k.index_copy_(2, slot, k[:, :, -keep:].to(self.k.dtype))
+        self.v.index_copy_(2, slot, v[:, :, -keep:].to(self.v.dtype))
 
     def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
         """Static step: store one token's ``k, v`` ``(B, H_kv, 1, D)`` of the 0-d tensor ``position``
         in slot ``position % W``; return the whole buffers ``(B, H_kv, W, D)``."""
         slot = (position % self.slots).view(1)
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
         return self.k, self.v
 
     def recent(self, end: int, count: int) -> tuple[Tensor, Tensor]:

@@ -78,7 +78,7 @@ class SparseKVCache(KVCache):
     def update_index_keys_at(self, index_k: Tensor, position: Tensor) -> Tensor:
         """Static step: write one token's ``index_k`` ``(B, 1, D_index)`` at the 0-d tensor
         ``position``; return all ``(B, S_max, D_index)`` (unwritten rows are zeros)."""
-        self.index_k.index_copy_(1, position.view(1), index_k)
+        self.index_k.index_copy_(1, position.view(1), index_k.to(self.index_k.dtype))
         return self.index_k
 
 
