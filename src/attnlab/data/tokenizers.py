@@ -75,7 +75,10 @@ class GPT2Tokenizer(Tokenizer):
         return self.encoding.decode(list(ids))
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self.encoding.decode_single_token_bytes(token_id)
+        try:
+            return self.encoding.decode_single_token_bytes(token_id)
+        except KeyError:  # an id of a vocabulary padded beyond the encoding's
+            return CharTokenizer.UNKNOWN.encode("utf-8")
 
 
 class CharTokenizer(Tokenizer):
