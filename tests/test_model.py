@@ -140,7 +140,8 @@ def test_compiled_static_step_is_one_graph_for_every_position(attention):
 
 def test_generate_compiled_equals_eager_and_compiles_once():
     """generate(compile=True) through inductor: one graph for all steps (dynamo's own counter),
-    the same greedy tokens as eager decoding, and a second call with the same shapes reuses it."""
+    the same greedy tokens as eager decoding, and a second call with the same shapes reuses it;
+    other lengths (other cache sizes) compile one more graph, for any length, and no other."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -154,6 +155,10 @@ def test_generate_compiled_equals_eager_and_compiles_once():
     again = model.generate(prompt.flip(1), max_new_tokens=20, temperature=0, compile=True)
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert torch.equal(again, model.generate(prompt.flip(1), max_new_tokens=20, temperature=0))
+    for length in (9, 31):
+        longer = model.generate(prompt, max_new_tokens=length, temperature=0, compile=True)
+        assert torch.equal(longer, model.generate(prompt, max_new_tokens=length, temperature=0))
+    assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
 def test_step_checks_the_cache_and_position_limits():

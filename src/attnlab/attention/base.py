@@ -58,10 +58,10 @@ class AttentionContext:
 
     def __init__(self, rope: RotaryEmbedding | None, start_pos: int | Tensor = 0, record_stats: bool = False,
                  *, _aux: dict | None = None, _stats: dict | None = None, _prefix: str = "",
-                 training: bool = False, token_ids: Tensor | None = None, _visible: dict | None = None):
+                 training: bool = False, token_ids: Tensor | None = None, _visible: list | None = None):
         self.rope = rope
         self.start_pos = start_pos
-        self._visible: dict[int, Tensor] = {} if _visible is None else _visible
+        self._visible: list[tuple[int, Tensor]] = [] if _visible is None else _visible
         self.aux_losses: dict[str, Tensor] = {} if _aux is None else _aux
         self.stats: dict[str, Tensor] | None = ({} if record_stats else None) if _stats is None else _stats
         self.prefix = _prefix
@@ -83,11 +83,13 @@ class AttentionContext:
         """In a static step: the boolean ``(1, 1, 1, length)`` mask of the slots ``0..start_pos`` of
         a pre-allocated buffer, the ones written so far (a rolling buffer's slot ``s`` holds a
         position ``<= start_pos`` exactly when ``s <= start_pos`` too). Built once per step and
-        length, shared by every layer."""
-        mask = self._visible.get(length)
-        if mask is None:
-            mask = (torch.arange(length, device=self.start_pos.device) <= self.start_pos).view(1, 1, 1, length)
-            self._visible[length] = mask
+        length, shared by every layer. (Looked up by comparing lengths, not hashing them: in a graph
+        compiled for any cache length the length is symbolic, and hashing would specialise it.)"""
+        for known, mask in self._visible:
+            if known == length:
+                return mask
+        mask = (torch.arange(length, device=self.start_pos.device) <= self.start_pos).view(1, 1, 1, length)
+        self._visible.append((length, mask))
         return mask
 
     def add_aux_loss(self, name: str, value: Tensor) -> None:
