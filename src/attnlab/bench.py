@@ -83,6 +83,7 @@ DECODE_FIELDS = ("context_len", "batch_size", "steps", "tokens_per_s", "tokens_p
 #: graphs compiled afterwards (0: every later position ran the same graph).
 COMPILED_DECODE_FIELDS = (*DECODE_FIELDS, "compile_s", "graphs_compiled", "recompiles")
 LM_HEAD_FIELDS = ("vocab_size", "d_model", "bytes", "read_ms", "read_ms_min", "read_ms_max", "read_gb_per_s",
+                  "cold_read_ms", "cold_read_ms_min", "cold_read_ms_max", "cold_read_gb_per_s",
                   "matvec_ms", "matvec_ms_min", "matvec_ms_max", "error")
 CACHE_FIELDS = ("context_len", "dtype", "measured_bytes_per_token", "closed_form_bytes_per_token",
                 "used_bytes_per_token", "matches_closed_form", "error")
@@ -474,22 +475,37 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
 
 @torch.no_grad()
 def measure_lm_head(model_values: dict[str, Any], settings: BenchSettings, device: torch.device,
-                    repeats: int = 50) -> dict[str, Any]:
+                    repeats: int = 50, flush_bytes: int = 256 * 2**20) -> dict[str, Any]:
     """The floor of a decoding step: the time to read the LM head's ``(V, C)`` float32 weights once
     (a sum over them: a pure streaming read) and of the LM head's own product for one token
     (``F.linear`` of ``(decode_batch_size, C)``), medians of ``repeats`` calls with min and max.
-    Measured on a weight that is read over and over, i.e. from the last-level cache when it
-    fits there; a decoding step also streams the other weights and the attention state past it."""
+    ``read`` reads a weight read over and over (from the last-level cache when it fits there);
+    ``cold_read`` reads it after writing ``flush_bytes`` elsewhere, i.e. from memory, as a decoding
+    step whose weights and caches together outgrow the cache does."""
     entry = dict.fromkeys(LM_HEAD_FIELDS)
     V, C = model_values["vocab_size"], model_values["d_model"]
     weight = torch.randn(V, C, device=device)
     x = torch.randn(settings.decode_batch_size, C, device=device)
     entry.update(vocab_size=V, d_model=C, bytes=weight.numel() * weight.element_size())
-    for name, fn in (("read", weight.sum), ("matvec", lambda: torch.nn.functional.linear(x, weight))):
-        stats = summarize(time_calls(fn, 5, repeats, device))
+    flush = torch.empty(flush_bytes // 4, device=device)
+
+    def cold_read() -> float:
+        flush.fill_(1.0)
+        synchronize(device)
+        start = time.perf_counter()
+        weight.sum()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    timings = {"read": time_calls(weight.sum, 5, repeats, device),
+               "cold_read": [cold_read() for _ in range(max(3, repeats // 5))],
+               "matvec": time_calls(lambda: torch.nn.functional.linear(x, weight), 5, repeats, device)}
+    for name, seconds in timings.items():
+        stats = summarize(seconds)
         entry.update({f"{name}_ms": 1e3 * stats["median"], f"{name}_ms_min": 1e3 * stats["min"],
                       f"{name}_ms_max": 1e3 * stats["max"]})
-    entry["read_gb_per_s"] = entry["bytes"] / (entry["read_ms"] * 1e-3) / 1e9
+    for name in ("read", "cold_read"):
+        entry[f"{name}_gb_per_s"] = entry["bytes"] / (entry[f"{name}_ms"] * 1e-3) / 1e9
     return entry
 
 
@@ -894,11 +910,14 @@ def mechanism_tables(result: dict[str, Any]) -> list[Table]:
                 for e in entries:
                     if e.get("ms_per_token") is not None:
                         rows.append([label, kind, str(e["context_len"]), _num(e["ms_per_token"], 3),
-                                     _num(e["ms_per_token"] / lm_head["read_ms"], 1)])
+                                     _num(e["ms_per_token"] / lm_head["read_ms"], 1),
+                                     _num(e["ms_per_token"] / lm_head["cold_read_ms"], 1)])
         tables.append((f"Decode ms per token against one read of the LM head's weights "
-                       f"({lm_head['bytes'] / 2**20:,.1f} MiB: {lm_head['read_ms']:.3f} ms, "
-                       f"{lm_head['read_gb_per_s']:.1f} GB/s; its matvec {lm_head['matvec_ms']:.3f} ms)",
-                       ["mechanism", "decoding", "context", "ms per token", "x the read"], rows))
+                       f"({lm_head['bytes'] / 2**20:,.1f} MiB: {lm_head['read_ms']:.3f} ms from the cache, "
+                       f"{lm_head['read_gb_per_s']:.1f} GB/s; {lm_head['cold_read_ms']:.3f} ms from memory, "
+                       f"{lm_head['cold_read_gb_per_s']:.1f} GB/s; its matvec {lm_head['matvec_ms']:.3f} ms)",
+                       ["mechanism", "decoding", "context", "ms per token", "x the read", "x the read from memory"],
+                       rows))
 
     rows = []
     for label, m in mechanisms.items():
@@ -978,7 +997,8 @@ NOTES = """\
   compiled by the first step and those compiled afterwards (recompiles, 0 when every position ran
   the same graph). `n/a`: the mechanism has no static step (the reason is listed under Errors).
 - LM head read: the LM head's weights summed (a streaming read) and its one-token matvec, on a
-  weight read over and over (so from the last-level cache when it fits): the floor of a step.
+  weight read over and over (so from the last-level cache when it fits) and, "from memory", after
+  writing 256 MiB elsewhere: the floor of a step, from the cache or from memory.
 """
 
 
