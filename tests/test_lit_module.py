@@ -53,3 +53,38 @@ def test_aux_losses_are_added_to_the_task_loss(monkeypatch):
     total = module.training_step((x, x.roll(-1, 1)), 0)
     task = module.model(x, x.roll(-1, 1)).loss
     assert total.item() == pytest.approx(task.item() + 2.5, abs=1e-5)
+
+
+class _StepTrainer:
+    """A stand-in trainer: a step counter, a strategy whose reduce is counted, should_stop."""
+
+    log_every_n_steps = 1000
+    should_stop = False
+
+    def __init__(self):
+        self.global_step = 0
+        self.reads = []
+        self.strategy = type("S", (), {"reduce": lambda _, t, reduce_op: self.reads.append(self.global_step) or t})()
+
+
+def test_divergence_is_recorded_on_the_device_and_read_every_few_steps():
+    from attnlab.lit_module import DIVERGENCE_CHECK_EVERY
+
+    module = LitLM(TINY_MODEL, "mha", {})
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    trainer = _StepTrainer()
+    module._trainer = trainer  # noqa: SLF001
+    x = torch.randint(0, 97, (2, 16))
+    for step in range(1, 3 * DIVERGENCE_CHECK_EVERY + 1):
+        if step == 11:  # from the 11th optimizer step on the loss is NaN
+            with torch.no_grad():
+                module.model.final_norm.weight.fill_(float("nan"))
+        module.training_step((x, x.roll(-1, 1)), step - 1)
+        trainer.global_step = step
+        module.on_train_batch_end(None, (x, x), step - 1)
+        if trainer.should_stop:
+            break
+    # read at steps 8 and 16 only (no synchronisation on the others); found at the second read
+    assert trainer.reads == [DIVERGENCE_CHECK_EVERY, 2 * DIVERGENCE_CHECK_EVERY]
+    assert module.diverged_at_step == 11 and trainer.should_stop
+    assert module.check_divergence() == 11 and len(trainer.reads) == 2  # known: not read again

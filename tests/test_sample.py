@@ -1,4 +1,4 @@
-"""``scripts/sample.py``: sampling from a checkpoint of a tiny run trained through train.py."""
+"""``attnlab-sample`` / ``scripts/sample.py``: sampling from a checkpoint of a tiny run trained through train.py."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def compose(overrides: list[str]):
 
 def sample_run(overrides: list[str]) -> tuple[dict, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    result = sample.run(compose(overrides), out=out, err=err)
+    result = sample.sample(compose(overrides), out=out, err=err)
     return result, out.getvalue(), err.getvalue()
 
 
@@ -84,7 +84,9 @@ def test_checkpoints_without_a_tokenizer_record_use_the_run_config(trained_run, 
 
 
 def error_line(overrides: list[str], capsys) -> str:
-    assert sample.cli(compose(overrides)) == 2
+    with pytest.raises(SystemExit) as stopped:
+        sample.run(compose(overrides))
+    assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -39,14 +40,25 @@ def test_run_directory_contents(tmp_path):
     csv = (run / "csv" / "metrics.csv").read_text()
     assert "val/loss" in csv and "train/loss" in csv and "lr-AdamW" in csv
     m = read_metrics(run)
-    for key in ("final_val_loss", "final_val_ppl", "test_loss", "test_ppl", "params", "train_tokens_per_sec",
-                "peak_rss_mb", "wall_time_s", "val_curve", "train_curve", "kv_cache_bytes_per_token"):
+    for key in ("final_val_loss", "final_val_ppl", "final_val_acc", "best_val_acc", "test_loss", "test_ppl", "test_acc",
+                "params", "train_tokens_per_sec", "peak_rss_mb", "wall_time_s", "val_curve", "train_curve",
+                "kv_cache_bytes_per_token", "val_loss_by_position", "test_loss_by_position"):
         assert m[key] is not None, key
+    assert m["status"] == "completed" and m["diverged_at_step"] is None and m["eval_lengths"] == {}
     assert set(m["params"]) >= {"total", "attention", "feed_forward", "embeddings"}
     assert abs(m["final_val_ppl"] - torch.tensor(m["final_val_loss"]).exp().item()) < 1e-3
     assert [p["step"] for p in m["val_curve"]] == [3, 6]
+    assert m["final_val_acc"] == m["val_curve"][-1]["acc"] and 0 < m["final_val_acc"] < 1
+    assert m["best_val_acc"] == max(p["acc"] for p in m["val_curve"])
+    assert m["train_steps"] == [p["step"] for p in m["train_curve"]] and m["train_loss"] == [p["loss"] for p in m["train_curve"]]
+    # loss by position: the buckets of the 64-token window add up to the split's loss
+    by_position = m["val_loss_by_position"]
+    assert by_position["positions"][-1] == [64, 64] and sum(by_position["n_tokens"]) == 511
+    total = sum(loss * n for loss, n in zip(by_position["loss"], by_position["n_tokens"]))
+    assert abs(total / 511 - m["final_val_loss"]) < 1e-6
     # the test split is evaluated with the best checkpoint
     assert m["test_checkpoint"].startswith("best-step")
+    assert "val/acc" in csv and "test/acc" in csv
 
 
 def _final_weights(run_dir):
@@ -82,6 +94,8 @@ def test_ddp_two_cpu_processes(tmp_path):
               timeout=300)
     m = read_metrics(tmp_path / "run")
     assert m["world_size"] == 2 and m["steps"] == 4 and m["test_loss"] > 0
+    # the ranks' shares are summed: every target of the 512 evaluated tokens counted once
+    assert sum(m["val_loss_by_position"]["n_tokens"]) == 511 and m["test_acc"] is not None
 
 
 def test_wandb_offline_writes_a_run(tmp_path):
@@ -108,6 +122,7 @@ def test_debug_trainer_runs_one_batch(tmp_path):
     ("optim.lr=-1", "optim.lr=-1.0; allowed: a number > 0"),
     ("data.block_size=128", "data.block_size=128: windows longer than the model's context; allowed: at most model.max_seq_len=64"),
     ("matmul_precision=low", "matmul_precision='low'; allowed: highest | high | medium"),
+    ("eval.lengths=[128,0]", "eval.lengths=[128, 0]; allowed: a list of distinct integers >= 1"),
 ])
 def test_invalid_config_fails_at_start_with_a_clear_error(override, message, tmp_path):
     proc = run_train(["experiment=smoke", *override.split()], tmp_path, check=False, timeout=120)
@@ -118,6 +133,68 @@ def test_invalid_config_fails_at_start_with_a_clear_error(override, message, tmp
     assert not (tmp_path / "run" / "checkpoints").exists()
     failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert failed["status"] == "failed" and message in failed["error"]
+
+
+@pytest.mark.slow
+def test_unreadable_ckpt_path_fails_at_start(tmp_path):
+    notes = tmp_path / "last.ckpt"
+    notes.write_text("this is not a checkpoint\n")
+    proc = run_train(["experiment=smoke", f"ckpt_path={notes}"], tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    message = f"ckpt_path='{notes}': not a PyTorch checkpoint"
+    assert message in proc.stderr
+    assert not (tmp_path / "cache").exists()  # before any data was loaded
+    assert message in json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+
+
+@pytest.mark.slow
+def test_divergence_is_a_result_and_the_sweep_goes_on(tmp_path):
+    """A NaN loss stops its run within a few steps, keeps the finite checkpoints, tests the best
+    one and reports status diverged; the next job of the sweep runs and completes."""
+    from attnlab.lit_module import DIVERGENCE_CHECK_EVERY
+
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "experiment=smoke", "optim.lr=1000,3e-3", "optim.grad_clip=null", "optim.warmup_steps=0",
+                      "trainer.max_steps=24", "trainer.val_check_interval=4", "data.max_eval_tokens=256",
+                      "eval.lengths=[128]", "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert (proc.stdout + proc.stderr).count("training diverged") == 1
+    diverged, ok = (read_metrics(job) for job in sorted(sweep.glob("[0-9]_*")))
+    assert ok["status"] == "completed" and ok["steps"] == 24 and ok["eval_lengths"]["128"]["status"] == "ok"
+
+    step = diverged["diverged_at_step"]
+    assert diverged["status"] == "diverged" and 4 < step < 24
+    assert step <= diverged["steps"] <= step + DIVERGENCE_CHECK_EVERY
+    assert diverged["final_val_loss"] is None and diverged["val_loss_by_position"] is None
+    assert diverged["val_curve"] and all(p["step"] < step for p in diverged["val_curve"])
+    assert diverged["best_val_loss"] == min(p["loss"] for p in diverged["val_curve"])
+    # the checkpoints are the finite ones from before the divergence, and the best one was tested
+    for path in (next(sweep.glob("0_*")) / "checkpoints").iterdir():
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["global_step"] < step and all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    assert diverged["test_checkpoint"].startswith("best-step") and diverged["test_skipped"] is None
+    assert diverged["test_loss"] is not None and diverged["test_loss"] < 10
+    assert diverged["eval_lengths"]["128"] == {"status": "not_applicable",
+                                               "reason": f"the run diverged at step {step}: the final weights are not finite"}
+    # the multirun's report lists the diverged job apart and ranks only the completed one
+    report = json.loads((sweep / "report.json").read_text())
+    assert report["ranking"] == ["mha optim.lr=0.003"]
+    assert [(d["label"], d["diverged_at_step"]) for d in report["diverged"]] == [("mha optim.lr=1000", step)]
+    assert "## Diverged runs" in (sweep / "results.md").read_text()
+
+
+def test_resume_sweep_skips_finished_and_diverged_jobs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from attnlab.io import write_json
+    from attnlab.train import run_job
+
+    cfg = OmegaConf.create({"resume_sweep": True, "paths": {"output_dir": str(tmp_path)},
+                            "optimized_metric": "final_val_loss"})
+    # both return without running (a run would need the whole config); a diverged run's objective is NaN
+    write_json(tmp_path / "metrics.json", {"status": "completed", "final_val_loss": 2.5})
+    assert run_job(cfg) == 2.5
+    write_json(tmp_path / "metrics.json", {"status": "diverged", "final_val_loss": None})
+    assert math.isnan(run_job(cfg))
 
 
 def test_missing_data_fails_with_what_to_set(tmp_path):

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from attnlab.attention import registered_names, resolve_layer_attention
-from attnlab.config import ConfigError, ModelConfig, OptimConfig, from_dict, require, to_container
+from attnlab.config import ConfigError, ModelConfig, OptimConfig, from_dict, import_modules, require, to_container
 from attnlab.model import GPT, ModelCache
 from attnlab.profiling import (
     LiveTensorTracker,
@@ -1093,6 +1093,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from attnlab.io import write_json
 
     started = time.time()
+    import_modules(to_container(cfg.get("imports")))  # the user's mechanisms register themselves first
     settings, model_values, optim = load_settings(cfg, command_line_keys())
     device = pick_device(settings)
     threads = set_threads(settings.threads)

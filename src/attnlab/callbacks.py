@@ -220,6 +220,8 @@ class RoutingAnalysis(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not trainer.is_global_zero:
             return
+        if getattr(pl_module, "diverged_at_step", None) is not None:
+            return  # gates of non-finite weights say nothing
         token_ids, routed = self.collect(pl_module, datamodule)
         if not routed:
             return  # no routed mechanism in this model

@@ -9,6 +9,7 @@ any data is loaded or any step is run.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from collections.abc import Mapping
@@ -122,6 +123,21 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def import_modules(modules: Any, field: str = "imports") -> None:
+    """Import the modules of the top-level ``imports`` list (``[my_project.my_attention]``), so the
+    mechanisms they register exist before the rest of the config is validated."""
+    require(modules is None or (isinstance(modules, (list, tuple))
+                                and all(isinstance(m, str) and m for m in modules)),
+            field, modules, "a list of module names, e.g. [my_project.my_attention]")
+    for i, name in enumerate(modules or []):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"{field}[{i}]", name,
+                              "a module importable from sys.path (an installed package, or a directory on PYTHONPATH)",
+                              reason=f"import failed: {error}") from error
+
+
 @dataclass
 class ModelConfig:
     """The GPT skeleton shared by every mechanism (the attention choice lives in ``attention``)."""
@@ -204,6 +220,25 @@ class OptimConfig:
         require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
         if self.grad_clip is not None:
             require(self.grad_clip > 0, f"{p}.grad_clip", self.grad_clip, "a number > 0 or null (no clipping)")
+
+
+@dataclass
+class EvalConfig:
+    """The ``eval`` group: evaluation of the final weights at other window lengths."""
+
+    #: Window lengths (tokens) at which the validation split is evaluated after the test split.
+    lengths: list = field(default_factory=list)
+    #: At most this many tokens per evaluation forward (batches are split by rows); None: as loaded.
+    max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        p = "eval"
+        lengths_ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.lengths)
+        require(lengths_ok and len(set(self.lengths)) == len(self.lengths), f"{p}.lengths", self.lengths,
+                "a list of distinct integers >= 1 (window lengths in tokens), e.g. [2048, 4096]")
+        if self.max_batch_tokens is not None:
+            require(self.max_batch_tokens >= 1, f"{p}.max_batch_tokens", self.max_batch_tokens,
+                    "null (batches as loaded) or an integer >= 1")
 
 
 def to_container(cfg: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The LightningModule: task loss + auxiliary losses, exact evaluation, AdamW with cosine warmup."""
+"""The LightningModule: task loss + auxiliary losses, exact evaluation (loss, accuracy, both by
+position), divergence detection, AdamW with cosine warmup."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MeanMetric
 
 from attnlab.attention import resolve_layer_attention
 from attnlab.config import ModelConfig, OptimConfig, from_dict, to_container
+from attnlab.evaluation import TokenMetrics, perplexity
+from attnlab.loss import IGNORE_INDEX
 from attnlab.model import GPT
+
+#: Optimizer steps between two reads of the divergence record. A read waits for the device, so it
+#: is not done every step; it is also done before every validation and checkpoint.
+DIVERGENCE_CHECK_EVERY = 8
 
 
 def _rng_state() -> dict[str, Any]:
@@ -50,6 +57,13 @@ class LitLM(L.LightningModule):
         attention: the ``attention`` config group (a mapping with ``name``, or a preset name).
         optim: the ``optim`` config group (see :class:`attnlab.config.OptimConfig`).
         compile: compile the model's forward with ``torch.compile``.
+
+    Evaluation (validation, test, and validation at other window lengths while ``eval_length`` is
+    set) sums each token's loss and correctness by position bucket (:class:`TokenMetrics`) and
+    logs ``<split>/loss``, ``<split>/ppl`` and ``<split>/acc``. A non-finite training loss is
+    recorded on the device and read every :data:`DIVERGENCE_CHECK_EVERY` steps and before each
+    validation and checkpoint; once read, ``diverged_at_step`` is set, the trainer stops and
+    evaluation while fitting becomes a no-op (nothing is computed on diverged weights).
     """
 
     def __init__(self, model: Mapping[str, Any], attention: Any, optim: Mapping[str, Any] | None = None,
@@ -62,8 +76,22 @@ class LitLM(L.LightningModule):
         self.model = GPT(self.model_cfg, resolve_layer_attention(attention, self.model_cfg))
         if compile:
             self.model.compile()
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        self.val_metrics = TokenMetrics()
+        self.test_metrics = TokenMetrics()
+        #: At most this many tokens per evaluation forward (batches are split by rows); None: as loaded.
+        self.eval_max_batch_tokens: int | None = None
+        #: While set, validation runs at this window length and its results go to ``length_results``.
+        self.eval_length: int | None = None
+        self.length_results: dict[int, dict[str, Any]] = {}
+        #: The latest validation (``step`` and :meth:`TokenMetrics.compute`'s result) and test.
+        self.last_validation: dict[str, Any] | None = None
+        self.last_test: dict[str, Any] | None = None
+        #: First optimizer step whose training loss was not finite, once read (see check_divergence).
+        self.diverged_at_step: int | None = None
+        # the training losses of the steps since the last read, step s in slot (s - 1) % N (summed
+        # over accumulated micro-batches: one in-place add per micro-batch, no synchronisation)
+        self._recent_losses: torch.Tensor | None = None
+        self._checked_at_step = 0
         #: Set by callbacks for the steps whose router/head statistics they want.
         self.record_stats = False
         self.last_stats: dict[str, torch.Tensor] | None = None
@@ -93,6 +121,9 @@ class LitLM(L.LightningModule):
                 self.log("train/total_loss", loss)
         self.last_stats = out.stats
         step = self.global_step + 1
+        if self._recent_losses is None:
+            self._recent_losses = torch.zeros(DIVERGENCE_CHECK_EVERY, device=loss.device)
+        self._recent_losses[(step - 1) % DIVERGENCE_CHECK_EVERY] += loss.detach()
         if step % max(1, self.trainer.log_every_n_steps) == 0 or step == 1:
             self.train_curve.append({"step": step, "loss": float(out.loss.detach())})
         return loss
@@ -107,32 +138,89 @@ class LitLM(L.LightningModule):
             return True
         return bool(self.trainer.fast_dev_run) or connector.should_update_logs
 
-    def _eval_step(self, batch, metric: MeanMetric) -> None:
+    # ------------------------------------------------------------------ evaluation
+    def _skip_evaluation(self) -> bool:
+        """Fitting after a divergence: Lightning still runs the validation that stopping triggers;
+        it computes nothing on the diverged weights (a loaded checkpoint is evaluated normally)."""
+        return self.diverged_at_step is not None and self.trainer.state.fn == TrainerFn.FITTING
+
+    def _eval_step(self, batch, metric: TokenMetrics) -> None:
+        if self._skip_evaluation():
+            return
         x, y = batch
-        out = self.model(x, y)
-        metric.update(out.loss_sum / out.n_tokens.clamp(min=1), weight=out.n_tokens)
+        rows = x.shape[0]
+        if self.eval_max_batch_tokens is not None:
+            rows = max(1, self.eval_max_batch_tokens // x.shape[1])
+        for start in range(0, x.shape[0], rows):
+            xs, ys = x[start:start + rows], y[start:start + rows]
+            out = self.model(xs, ys, per_token=True)
+            metric.update(out.token_loss, out.token_correct, ys != IGNORE_INDEX)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_loss)
+        self._eval_step(batch, self.val_metrics)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_loss)
+        self._eval_step(batch, self.test_metrics)
+
+    def _finish(self, metric: TokenMetrics, prefix: str) -> dict[str, Any] | None:
+        """The split's results (logged under ``prefix``), or None after a divergence."""
+        if self._skip_evaluation():
+            metric.reset()
+            return None
+        result = metric.compute()
+        metric.reset()
+        if result["loss"] is not None:
+            self.log(f"{prefix}/loss", result["loss"], prog_bar=prefix == "val")
+            self.log(f"{prefix}/ppl", perplexity(result["loss"]))
+        if result["acc"] is not None:
+            self.log(f"{prefix}/acc", result["acc"])
+        return result
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
-        if not self.trainer.sanity_checking:
-            self.val_curve.append({"step": self.global_step, "loss": float(loss)})
+        if self.eval_length is not None:
+            result = self._finish(self.val_metrics, f"eval_length/{self.eval_length}")
+            if result is not None:
+                self.length_results[self.eval_length] = result
+            return
+        result = self._finish(self.val_metrics, "val")
+        if result is not None and not self.trainer.sanity_checking:
+            self.val_curve.append({"step": self.global_step, "loss": result["loss"], "acc": result["acc"]})
+            self.last_validation = {"step": self.global_step, **result}
 
     def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/ppl", torch.exp(loss))
+        self.last_test = self._finish(self.test_metrics, "test")
+
+    # ------------------------------------------------------------------ divergence
+    def check_divergence(self) -> int | None:
+        """The first optimizer step whose training loss was not finite, or None.
+
+        Reads the device-side record (a synchronisation; under DDP every rank takes part, so all
+        ranks stop at the same step) and, on a divergence, asks the trainer to stop."""
+        if self.diverged_at_step is None and self._recent_losses is not None:
+            losses = self._recent_losses.tolist()
+            self._recent_losses.zero_()
+            # at most DIVERGENCE_CHECK_EVERY steps since the last read, one slot each
+            first_unread = max(self._checked_at_step, self.global_step - DIVERGENCE_CHECK_EVERY) + 1
+            steps = range(first_unread, self.global_step + 1)
+            self._checked_at_step = self.global_step
+            never = self.global_step + 1
+            first = next((s for s in steps if not math.isfinite(losses[(s - 1) % DIVERGENCE_CHECK_EVERY])), never)
+            first = int(self.trainer.strategy.reduce(torch.tensor(first, device=self.device), reduce_op="min"))
+            if first != never:
+                self.diverged_at_step = first
+                self.trainer.should_stop = True
+        return self.diverged_at_step
+
+    def weights_finite(self) -> bool:
+        """Whether every parameter and buffer is finite (one synchronisation)."""
+        from attnlab.checkpoint import nonfinite_entries
+
+        return not nonfinite_entries(self.state_dict())
 
     # ------------------------------------------------------------------ throughput
+    def on_train_start(self) -> None:
+        self._checked_at_step = self.global_step  # a resumed run has read everything before
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
             _set_rng_state(self._rng_to_restore)
@@ -154,6 +242,8 @@ class LitLM(L.LightningModule):
             self.timed_tokens += batch[0].numel()
             self.timed_seconds += now - self._last_batch_end
         self._last_batch_end = now
+        if self.global_step - self._checked_at_step >= DIVERGENCE_CHECK_EVERY:
+            self.check_divergence()
 
     def _close_timing_window(self) -> None:
         """Add the time the device still needed for the window's queued work."""
@@ -164,9 +254,14 @@ class LitLM(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._close_timing_window()
+        self.check_divergence()
 
     def on_train_end(self) -> None:
         self._close_timing_window()
+        # a divergence in the last steps, or an update that made the weights non-finite although
+        # its loss was finite (the next loss would not be)
+        if self.check_divergence() is None and not self.weights_finite():
+            self.diverged_at_step = self.global_step
 
     @property
     def tokens_per_second(self) -> float | None:

@@ -39,12 +39,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class ModelOutput:
     """``logits`` ``(B, T, V)`` (or ``(B, 1, V)`` with ``last_only``) when no targets were given;
-    otherwise ``loss`` (mean over counted tokens), ``loss_sum`` and ``n_tokens``."""
+    otherwise ``loss`` (mean over counted tokens), ``loss_sum``, ``n_tokens`` and ``n_correct``
+    (counted tokens whose argmax is the target; None while gradients are computed), and with
+    ``per_token`` the ``(B, T)`` ``token_loss`` (0 where not counted) and ``token_correct``."""
 
     logits: Tensor | None = None
     loss: Tensor | None = None
     loss_sum: Tensor | None = None
     n_tokens: Tensor | None = None
+    n_correct: Tensor | None = None
+    token_loss: Tensor | None = None
+    token_correct: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] | None = None
 
@@ -153,15 +158,20 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: ModelCache | None = None,
-                record_stats: bool = False, last_only: bool = False) -> ModelOutput:
+                record_stats: bool = False, last_only: bool = False, per_token: bool = False) -> ModelOutput:
         """``idx`` ``(B, T)`` token ids; ``targets`` ``(B, T)`` next-token ids (``-100`` = not counted).
 
-        With ``cache`` the tokens continue the cached sequence and the cache advances by ``T``."""
+        With ``cache`` the tokens continue the cached sequence and the cache advances by ``T``.
+        Rotary models take sequences longer than ``max_seq_len`` (evaluation beyond the training
+        context); learned positions stop at their table. ``per_token`` also returns each token's
+        loss and correctness (evaluation by position)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        limit = cache.max_len if cache is not None else self.cfg.max_seq_len
-        if start + T > limit or (self.pos_emb is not None and start + T > self.cfg.max_seq_len):
-            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {cache.max_len} (the cache)")
+        if self.pos_emb is not None and start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {self.cfg.max_seq_len} "
+                             "learned positions")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
@@ -179,10 +189,27 @@ class GPT(nn.Module):
                 x = x[:, -1:]
             out.logits = F.linear(x, self.lm_weight).float()
             return out
-        out.loss_sum, out.n_tokens = linear_cross_entropy(
-            x.reshape(B * T, -1), self.lm_weight, targets.reshape(-1), self.cfg.loss_chunk_size, IGNORE_INDEX)
+        result = linear_cross_entropy(x.reshape(B * T, -1), self.lm_weight, targets.reshape(-1),
+                                      self.cfg.loss_chunk_size, IGNORE_INDEX, per_token=per_token)
+        out.loss_sum, out.n_tokens, out.n_correct = result.loss_sum, result.n_tokens, result.n_correct
+        if per_token:
+            out.token_loss, out.token_correct = result.token_loss.view(B, T), result.token_correct.view(B, T)
         out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
         return out
+
+    def length_extrapolation_issue(self, length: int, trained_length: int) -> str | None:
+        """Why this model cannot be evaluated on windows of ``length`` tokens after training on
+        windows of ``trained_length``, or None when it can (always for ``length <= trained_length``)."""
+        if length <= trained_length:
+            return None
+        if self.pos_emb is not None:
+            return (f"learned absolute positions (model.pos_encoding=learned) have no trained embedding "
+                    f"beyond the training context of {trained_length} tokens")
+        for i, block in enumerate(self.blocks):
+            issue = block.attn.length_extrapolation_issue()
+            if issue is not None:
+                return f"layer {i} ({block.attn.cfg.name}): {issue}"
+        return None
 
     # ----------------------------------------------------------------------------- decoding
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> ModelCache:

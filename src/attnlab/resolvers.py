@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by the configs (registered by ``train.py`` before Hydra composes)."""
+"""OmegaConf resolvers used by the configs (registered by :mod:`attnlab.cli` before Hydra composes)."""
 
 from __future__ import annotations
 

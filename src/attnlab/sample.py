@@ -1,4 +1,6 @@
-"""Text from a trained run, behind ``scripts/sample.py`` (in the style of nanoGPT's sample.py).
+"""Text from a trained run, in the style of nanoGPT's sample.py: ``attnlab-sample`` (and
+``python scripts/sample.py`` in a checkout) runs :func:`run`; :func:`sample` is the same work
+for Python callers, returning the tokens and timings.
 
 The checkpoint rebuilds everything: the model from its hyper-parameters and weights, the
 tokenizer from the record LitLM writes into every checkpoint (GPT-2 BPE through
@@ -12,7 +14,7 @@ soon as it is complete (a character split across BPE tokens appears with its las
 speed goes to stderr: the prompt's call, the first step (with ``compile=true`` it compiles the
 step) and the tokens/s of the steps after it.
 
-Bad input stops the command with one line on stderr and exit status 2 (:func:`cli`): a missing
+Bad input stops the command with one line on stderr and exit status 2 (:func:`run`): a missing
 checkpoint, an empty prompt, a prompt (plus the new tokens) longer than a model with learned
 absolute positions can take, an unknown tokenizer.
 """
@@ -138,7 +140,7 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: Any, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> dict[str, Any]:
+def sample(cfg: Any, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> dict[str, Any]:
     """Sample as configured, streaming the text to ``out`` and the speed to ``err``; returns the
     prompt and new token ids, the text and the timings."""
     from attnlab.checkpoint import load_checkpoint
@@ -197,11 +199,11 @@ def run(cfg: Any, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> dict[
             "prompt_s": arrived[0] - started, "tokens_per_s": tokens_per_s}
 
 
-def cli(cfg: Any) -> int:
-    """:func:`run` for the command line: 0, or 2 after one ``error: ...`` line on stderr."""
+def run(cfg: Any) -> None:
+    """The command (the Hydra target of ``attnlab-sample``): :func:`sample` to stdout and stderr;
+    bad input ends it with one ``error: ...`` line on stderr and exit status 2, no traceback."""
     try:
-        run(cfg)
+        sample(cfg)
     except (ConfigError, SampleError, TokenizerError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        sys.exit(2)

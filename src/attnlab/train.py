@@ -1,4 +1,10 @@
-"""The training run behind ``train.py``: validate, load data, fit, test, write the run's results."""
+"""The training run behind ``train.py``: validate, load data, fit, test, evaluate at other lengths,
+write the run's results.
+
+A run whose training loss becomes non-finite stops within a few steps and is a result, not a
+crash: ``metrics.json`` says ``status: diverged`` and ``diverged_at_step``, the last finite
+checkpoints stay, and the test split is evaluated on the best finite checkpoint (or skipped).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import torch
 from omegaconf import DictConfig
 
 from attnlab.attention import AttentionSpec, resolve_layer_attention
-from attnlab.config import ConfigError, ModelConfig, OptimConfig, from_dict, require, to_container
+from attnlab.config import (ConfigError, EvalConfig, ModelConfig, OptimConfig, from_dict, import_modules, require,
+                            to_container)
+from attnlab.evaluation import perplexity
 from attnlab.io import read_json, write_json
 
 log = logging.getLogger("attnlab")
@@ -33,6 +41,7 @@ class RunSetup:
     model: ModelConfig
     attention: list[AttentionSpec]
     optim: OptimConfig
+    evaluation: EvalConfig
     datamodule: Any
     output_dir: Path
     param_matching: dict[str, Any] | None = None
@@ -42,8 +51,10 @@ def validate(cfg: DictConfig) -> RunSetup:
     """Check the whole composed config; raise :class:`ConfigError` naming the first bad field."""
     from hydra.utils import instantiate
 
+    from attnlab.checkpoint import checkpoint_problem
     from attnlab.data.datamodule import check_block_size
 
+    import_modules(to_container(cfg.get("imports")))  # the user's mechanisms register themselves first
     require(isinstance(cfg.get("seed"), int), "seed", cfg.get("seed"), "an integer")
     require(cfg.get("matmul_precision") in MATMUL_PRECISIONS, "matmul_precision", cfg.get("matmul_precision"),
             " | ".join(MATMUL_PRECISIONS))
@@ -63,13 +74,15 @@ def validate(cfg: DictConfig) -> RunSetup:
         matching = match_parameters(model, attention, model.match_params)
         model = dataclasses.replace(model, d_ff=matching["d_ff"])
     optim = from_dict(OptimConfig, to_container(cfg.optim), "optim")
+    evaluation = from_dict(EvalConfig, to_container(cfg.get("eval") or {}), "eval")
     datamodule = instantiate(cfg.data, _convert_="all")
     check_block_size(datamodule.block_size, model.max_seq_len)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
-        require(Path(ckpt_path).is_file(), "ckpt_path", ckpt_path, "an existing checkpoint file or null",
-                reason="file not found")
-    return RunSetup(model, attention, optim, datamodule, Path(cfg.paths.output_dir), matching)
+        problem = checkpoint_problem(ckpt_path)
+        require(problem is None, "ckpt_path", ckpt_path,
+                "null or a checkpoint written by train.py, e.g. <run dir>/checkpoints/last.ckpt", reason=problem)
+    return RunSetup(model, attention, optim, evaluation, datamodule, Path(cfg.paths.output_dir), matching)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -88,7 +101,8 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train, validate and test one configuration; returns (and writes) its ``metrics.json``."""
+    """Train, validate, test and evaluate at ``eval.lengths`` one configuration; returns (and
+    writes) its ``metrics.json``."""
     import lightning as L
 
     from attnlab.checkpoint import AtomicCheckpointIO
@@ -112,6 +126,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         raise ConfigError("model.vocab_size", model_values["vocab_size"],
                           f"null or >= the tokenizer's {corpus.vocab_size} ids")
     module = LitLM(model_values, to_container(cfg.attention), to_container(cfg.optim), compile=cfg.compile)
+    module.eval_max_batch_tokens = setup.evaluation.max_batch_tokens
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
@@ -137,36 +152,72 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.time() - started
-    validated_at_end = bool(module.val_curve) and module.val_curve[-1]["step"] == trainer.global_step
-    if trainer.limit_val_batches and not validated_at_end and not trainer.fast_dev_run:
+    diverged_at = module.diverged_at_step
+    last = module.last_validation
+    if (diverged_at is None and trainer.limit_val_batches and not trainer.fast_dev_run
+            and (last is None or last["step"] != trainer.global_step)):
         trainer.validate(module, datamodule=datamodule, verbose=False)
-
     # curves and speed before test() possibly reloads the best checkpoint (and its older curves)
     val_curve, train_curve = list(module.val_curve), list(module.train_curve)
+    final = module.last_validation if diverged_at is None else None
     tokens_per_second = module.tokens_per_second
-    best_path = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "best_model_path", "")), "")
-    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-    test_loss = test_results[0].get("test/loss") if test_results else None
 
-    final_val = val_curve[-1]["loss"] if val_curve else None
-    best_val = min((p["loss"] for p in val_curve), default=None)
+    # The test split runs on the best checkpoint by validation loss, which is never a non-finite
+    # one (attnlab.checkpoint); without checkpoints, on the final weights unless they diverged.
+    best_path = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "best_model_path", "")), "")
+    lengths = setup.evaluation.lengths
+    test, test_checkpoint, test_skipped, final_weights = None, None, None, None
+    if diverged_at is not None and not best_path:
+        test_skipped = f"the run diverged at step {diverged_at} before a finite checkpoint was written"
+    else:
+        test_checkpoint = Path(best_path).name if best_path else "final weights"
+        if best_path and lengths and diverged_at is None:  # eval.lengths evaluates the final weights
+            final_weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        test = module.last_test
+        if final_weights is not None:
+            module.load_state_dict(final_weights)
+
+    from attnlab.evaluation import evaluate_lengths
+
+    not_applicable = None
+    if diverged_at is not None:
+        not_applicable = f"the run diverged at step {diverged_at}: the final weights are not finite"
+    elif not trainer.limit_val_batches:
+        not_applicable = "validation is disabled (trainer.limit_val_batches=0)"
+    eval_lengths = evaluate_lengths(trainer, module, datamodule, lengths, datamodule.block_size, not_applicable)
+
     world = trainer.world_size
+    final_loss = final["loss"] if final else None
+    finite_curve = [p for p in val_curve if p["loss"] is not None and math.isfinite(p["loss"])]
+    best_val = min((p["loss"] for p in finite_curve), default=None)
+    best_acc = max((p["acc"] for p in val_curve if p.get("acc") is not None), default=None)
     metrics = {
-        "status": "completed",
+        "status": "completed" if diverged_at is None else "diverged",
+        "diverged_at_step": diverged_at,
         "attention": to_container(cfg.attention),
         "attention_preset": cfg.get("attention_preset"),
         "model": cfg.model.get("name"),
         "seed": cfg.seed,
         "overrides": overrides or [],
         "steps": trainer.global_step,
-        "final_val_loss": final_val,
-        "final_val_ppl": math.exp(final_val) if final_val is not None else None,
+        "final_val_loss": final_loss,
+        "final_val_ppl": perplexity(final_loss),
+        "final_val_acc": final["acc"] if final else None,
         "best_val_loss": best_val,
-        "test_loss": float(test_loss) if test_loss is not None else None,
-        "test_ppl": math.exp(float(test_loss)) if test_loss is not None else None,
-        "test_checkpoint": Path(best_path).name if best_path else "final weights",
+        "best_val_acc": best_acc,
+        "test_loss": test["loss"] if test else None,
+        "test_ppl": perplexity(test["loss"]) if test else None,
+        "test_acc": test["acc"] if test else None,
+        "test_checkpoint": test_checkpoint,
+        "test_skipped": test_skipped,
         "val_curve": val_curve,
         "train_curve": train_curve,
+        "train_steps": [p["step"] for p in train_curve],
+        "train_loss": [p["loss"] for p in train_curve],
+        "val_loss_by_position": final["by_position"] if final else None,
+        "test_loss_by_position": test["by_position"] if test else None,
+        "eval_lengths": eval_lengths,
         "train_tokens_per_sec": tokens_per_second * world if tokens_per_second else None,
         "params": params,
         "param_matching": setup.param_matching,
@@ -180,8 +231,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json(setup.output_dir / "metrics.json", metrics)
-        log.info("final validation loss %s, test loss %s, %s tokens/s", final_val, metrics["test_loss"],
-                 metrics["train_tokens_per_sec"])
+        if diverged_at is not None:
+            log.warning("training diverged: the loss was not finite at step %d; stopped at step %d; test: %s",
+                        diverged_at, trainer.global_step, test_skipped or f"on {metrics['test_checkpoint']}")
+        else:
+            log.info("final validation loss %s, test loss %s, %s tokens/s", final_loss, metrics["test_loss"],
+                     metrics["train_tokens_per_sec"])
     return metrics
 
 
@@ -225,6 +280,9 @@ def _set_threads(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 
 def objective(metrics: dict[str, Any], cfg: DictConfig) -> float | None:
+    """The value sweepers optimise: NaN for a diverged run (Optuna records it as a failed trial)."""
+    if metrics.get("status") == "diverged":
+        return float("nan")
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None
 
@@ -234,8 +292,9 @@ def run_job(cfg: DictConfig) -> float | None:
 
     * A failure writes ``metrics.json`` with ``status: failed``, the error and its traceback. In a
       multirun the sweep goes on (the report lists the job as failed); a single run re-raises.
-    * ``+resume_sweep=true`` skips a job whose ``metrics.json`` says completed and resumes an
-      unfinished one from its ``last.ckpt`` (re-run the sweep with the same ``hydra.sweep.dir``).
+    * ``+resume_sweep=true`` skips a job whose ``metrics.json`` says completed or diverged (a
+      result too) and resumes an unfinished one from its ``last.ckpt`` (re-run the sweep with the
+      same ``hydra.sweep.dir``).
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -249,8 +308,8 @@ def run_job(cfg: DictConfig) -> float | None:
 
     if cfg.get("resume_sweep"):
         previous = _read_metrics(output_dir)
-        if previous.get("status") == "completed":
-            log.info("resume_sweep: %s already completed, skipping", output_dir)
+        if previous.get("status") in ("completed", "diverged"):
+            log.info("resume_sweep: %s already %s, skipping", output_dir, previous["status"])
             return objective(previous, cfg)
         last = output_dir / "checkpoints" / "last.ckpt"
         if last.is_file() and cfg.get("ckpt_path") is None:

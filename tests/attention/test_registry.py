@@ -121,6 +121,36 @@ def test_batch_rows_are_independent(spec_id):
     torch.testing.assert_close(batched[1:2], single, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("spec_id", ALL_SPECS)
+def test_rope_models_run_beyond_their_context(spec_id):
+    """With RoPE every mechanism that does not declare a length issue (none does today) runs on
+    windows longer than ``max_seq_len`` (evaluation at other lengths), and the first
+    ``max_seq_len`` outputs of a 2x window are those of a forward over them alone."""
+    model = _model(spec_id, max_seq_len=24)
+    issue = model.length_extrapolation_issue(48, trained_length=24)
+    if issue is not None:
+        pytest.skip(f"declares that it cannot: {issue}")
+    idx = torch.randint(0, 97, (2, 48))
+    with torch.no_grad():
+        long = model(idx).logits
+        short = model(idx[:, :24]).logits
+    assert long.shape == (2, 48, 97) and torch.isfinite(long).all()
+    torch.testing.assert_close(long[:, :24], short, atol=2e-5, rtol=1e-4)
+
+
+def test_learned_positions_and_declared_limits_are_length_issues(monkeypatch):
+    learned = _model("registered:gqa", pos_encoding="learned")
+    assert learned.length_extrapolation_issue(64, trained_length=64) is None
+    assert "learned absolute positions" in learned.length_extrapolation_issue(65, trained_length=64)
+    # a mechanism declaring a limit (e.g. a learned parameter per position) names the layer
+    mixture = _model("preset:static_moas")
+    monkeypatch.setattr(mixture.blocks[1].attn.branches[2], "length_extrapolation_issue",
+                        lambda: "one learned bias per position")
+    assert mixture.length_extrapolation_issue(24, trained_length=64) is None
+    assert mixture.length_extrapolation_issue(128, trained_length=64) == \
+        f"layer 1 (static_moas): branch {mixture.blocks[1].attn.branch_names[2]}: one learned bias per position"
+
+
 def test_unknown_mechanism_lists_registered_names(tiny_model_cfg):
     with pytest.raises(ConfigError) as error:
         resolve_attention({"name": "flashy"}, tiny_model_cfg)

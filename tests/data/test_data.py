@@ -87,6 +87,26 @@ def test_validation_windows_cover_each_token_once():
     assert torch.equal(x[1:], y[:-1]) and x[0].item() == tokens[30]
 
 
+@pytest.mark.parametrize("block_size", [16, 7, 64, 200])
+def test_eval_dataloader_covers_each_target_once_at_any_length(tmp_path, block_size):
+    """Windows of any length cover the split's targets once (the training block size is 16);
+    batches keep about eval_batch_size * 16 tokens (at least one window)."""
+    write_wikitext(tmp_path / "data")
+    dm = datamodule(tmp_path, eval_batch_size=4, max_eval_tokens=500)
+    tokens = np.asarray(dm.prepare_corpus().splits["validation"][:500], dtype=np.int64)
+    batches = list(dm.eval_dataloader("validation", block_size))
+    assert all(x.shape[1] == y.shape[1] == block_size for x, y in batches)
+    assert batches[0][0].shape[0] == max(1, 4 * 16 // block_size)
+    x = torch.cat([b[0] for b in batches]).reshape(-1)
+    y = torch.cat([b[1] for b in batches]).reshape(-1)
+    counted = y != IGNORE_INDEX
+    assert counted.sum() == len(tokens) - 1
+    assert torch.equal(y[counted], torch.from_numpy(tokens[1:]))
+    assert torch.equal(x[counted], torch.from_numpy(tokens[:-1]))
+    first = next(iter(dm.val_dataloader()))
+    assert first[0].shape == (4, 16)
+
+
 def test_random_windows_are_a_function_of_seed_and_index():
     tokens = np.arange(500)
     a = RandomWindows(tokens, 8, seed=3, length=100)

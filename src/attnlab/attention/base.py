@@ -322,6 +322,12 @@ class Attention(nn.Module):
             return f"{type(self).__name__} implements no decode_step"
         return None
 
+    def length_extrapolation_issue(self) -> str | None:
+        """Why this mechanism cannot run on sequences longer than those it was trained on (say, a
+        learned parameter per position), or None when it can. Evaluation at longer windows
+        (``eval.lengths``) reports such lengths as not applicable with this reason."""
+        return None
+
     def reset_mechanism_parameters(self) -> None:
         """Re-initialise parameters that the generic GPT-2 init must not touch (gates, decays...).
 

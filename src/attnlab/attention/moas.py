@@ -199,6 +199,14 @@ class StaticMixtureOfAttentionSchemes(Attention):
     def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype) -> int:
         return sum(b.cache_bytes(batch_size, context_len, dtype) for b in self.branches)
 
+    def length_extrapolation_issue(self) -> str | None:
+        """A mixture runs beyond its training length when every branch does."""
+        for name, branch in zip(self.branch_names, self.branches):
+            issue = branch.length_extrapolation_issue()
+            if issue is not None:
+                return f"branch {name}: {issue}"
+        return None
+
 
 @register_attention("moas")
 class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attnlab.config import ConfigError, ModelConfig, from_dict
-from attnlab.paths import CONF_DIR
+from attnlab.paths import config_dirs, describe_config_dirs
 
 from .base import Attention, AttentionConfig
 
@@ -58,16 +58,38 @@ def get_registration(name: str, field: str = "attention.name") -> Registration:
                           reason="unknown attention mechanism") from None
 
 
+def _preset_files() -> dict[str, Any]:
+    """Preset name -> its ``attention/<name>.yaml``; the first config directory that has a name
+    wins, as in Hydra (:func:`attnlab.paths.config_dirs`: the packaged configs, then the user's)."""
+    found: dict[str, Any] = {}
+    for root in config_dirs():
+        folder = root / "attention"
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name.endswith(".yaml") and entry.is_file():
+                    found.setdefault(entry.name[: -len(".yaml")], entry)
+    return found
+
+
 def preset_names() -> list[str]:
-    """The attention presets shipped as ``conf/attention/*.yaml``."""
-    return sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml"))
+    """The attention presets: ``attention/*.yaml`` in the config directories (the packaged
+    ``conf/attention/`` and the user's, see :func:`attnlab.paths.config_dirs`)."""
+    return sorted(_preset_files())
+
+
+def _read(preset_file: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(preset_file.read_text()), resolve=True)  # type: ignore[return-value]
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    path = CONF_DIR / "attention" / f"{name}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    """The options of the attention preset ``name`` (see :func:`preset_names`)."""
+    presets = _preset_files()
+    if name not in presets:
+        raise ConfigError("attention", name, "presets " + ", ".join(sorted(presets)),
+                          reason=f"unknown attention preset, {describe_config_dirs('attention')}")
+    return _read(presets[name])
 
 
 @dataclass(frozen=True)
@@ -89,17 +111,19 @@ def resolve_attention(spec: str | Mapping[str, Any], model: ModelConfig, field: 
     """Turn a config entry into a validated :class:`AttentionSpec`.
 
     ``spec`` is a mapping with ``name`` and the mechanism's options, or a string: a preset from
-    ``conf/attention/`` (``"gqa_2"``) or a registered name with default options (``"mqa"``).
+    ``conf/attention/`` or a user's config directory (``"gqa_2"``, see :func:`preset_names`) or a
+    registered name with default options (``"mqa"``).
     """
     if isinstance(spec, str):
-        if spec in preset_names():
-            spec = load_preset(spec)
+        presets = _preset_files()
+        if spec in presets:
+            spec = _read(presets[spec])
         elif spec in _REGISTRY:
             spec = {"name": spec}
         else:
-            raise ConfigError(field, spec, "presets " + ", ".join(preset_names())
+            raise ConfigError(field, spec, "presets " + ", ".join(sorted(presets))
                               + "; registered mechanisms " + ", ".join(registered_names()),
-                              reason="unknown attention preset or mechanism")
+                              reason=f"unknown attention preset or mechanism; presets {describe_config_dirs('attention')}")
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ConfigError(field, spec, "a preset name or a mapping with a 'name' key")
     values = dict(spec)

@@ -269,23 +269,30 @@ class LMDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           drop_last=True, generator=generator, persistent_workers=self.num_workers > 0)
 
-    def eval_dataset(self, split: str) -> ContiguousWindows:
+    def eval_dataset(self, split: str, block_size: int | None = None) -> ContiguousWindows:
+        """Every target of ``split`` (up to ``max_eval_tokens`` tokens) once, in windows of
+        ``block_size`` tokens (default: the training block size)."""
         tokens = self.prepare_corpus().splits[split]
         if self.max_eval_tokens is not None:
             tokens = tokens[:self.max_eval_tokens]
-        return ContiguousWindows(tokens, self.block_size)
+        return ContiguousWindows(tokens, block_size or self.block_size)
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        dataset = self.eval_dataset(split)
+    def eval_dataloader(self, split: str, block_size: int) -> DataLoader:
+        """``(x, y)`` batches ``(B, block_size)`` covering ``split`` once, ``IGNORE_INDEX`` targets
+        past its end; this rank's share under DDP. Batches hold about as many tokens as the
+        validation batches at the training block size (``eval_batch_size`` windows of
+        ``block_size``, at least one window), so longer windows come in smaller batches."""
+        dataset = self.eval_dataset(split, block_size)
         rank, world = self._rank_world()
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=ShardSampler(len(dataset), 0, rank, world),
+        batch_size = max(1, self.eval_batch_size * self.block_size // block_size)
+        return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), 0, rank, world),
                           num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
+        return self.eval_dataloader("validation", self.block_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.eval_dataloader("test", self.block_size)
 
 
 def check_block_size(block_size: int, max_seq_len: int) -> None:
