@@ -203,7 +203,7 @@ def run(cfg: Any) -> None:
     """The command (the Hydra target of ``attnlab-sample``): :func:`sample` to stdout and stderr;
     bad input ends it with one ``error: ...`` line on stderr and exit status 2, no traceback."""
     try:
-        sample(cfg)
+        sample(cfg, sys.stdout, sys.stderr)  # the streams of now (a test's capture), not of import time
     except (ConfigError, SampleError, TokenizerError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
