@@ -2,7 +2,8 @@
 # The checks a lent GPU machine runs in one go: the CUDA tests (flash SDPA, flex attention,
 # flash-linear-attention kernels, bf16, train.py trainer=gpu) and the GPU benchmark tables.
 #   bash scripts/gpu_check.sh [out_dir]          STEPS="probe tests exp10" by default; also
-#                                                reference (attnlab vs a bare loop), scaling
+#                                                reference (attnlab vs a bare loop), scaling,
+#                                                decode (eager vs compiled decoding, CUDA graphs)
 # Packages missing on the machine travel as wheels in .whl/ (installed into /tmp/site). Each step
 # has its own time limit, so one slow step still leaves the others' results in out_dir.
 # BENCH_EXTRA=bench.quick=true makes it a quick smoke run of the script itself (also on a CPU).
@@ -107,6 +108,15 @@ timeout 240 python3 scripts/bench.py hydra.run.dir="$WORK/scaling" \
     "bench.lengths=[1024,4096,16384]" bench.batch_size=1 "bench.decode_lengths=[4096,16384]" \
     bench.decode_steps=16 model.vocab_size=256 ${BENCH_EXTRA:-} 2>&1 | tail -20
 cp "$WORK/scaling/bench.json" "$OUT_DIR/scaling.json" 2>/dev/null
+fi
+
+if wants decode; then
+step "bench: eager vs compiled decoding (CUDA graphs), vocabulary 256, context 4096, one sequence"
+timeout 240 python3 scripts/bench.py hydra.run.dir="$WORK/decode" \
+    "bench.attention=[mha,gqa_2,mqa,mla,sliding_256,linear,sparse_256,moh,static_moas]" \
+    "bench.lengths=[1024]" bench.batch_size=1 "bench.decode_lengths=[4096]" bench.decode_steps=16 \
+    bench.repeats=3 model.vocab_size=256 bench.decode_compile=true ${BENCH_EXTRA:-} 2>&1 | tail -30
+cp "$WORK/decode/bench.json" "$OUT_DIR/decode.json" 2>/dev/null
 fi
 
 step "done"

@@ -248,3 +248,36 @@ def test_bench_model_config_raises_max_seq_len_only_for_rope():
     assert bench.bench_model_config(dict(TINY_MODEL), 16).max_seq_len == TINY_MODEL["max_seq_len"]
     learned = bench.bench_model_config({**TINY_MODEL, "pos_encoding": "learned"}, 4096)
     assert isinstance(learned, ModelConfig) and learned.max_seq_len == TINY_MODEL["max_seq_len"]
+
+
+def test_compiled_decoding_is_measured_beside_eager_decoding(one_thread):
+    """bench.decode_compile: the compiled static step, one graph for every timed step; a mechanism
+    without a static step is recorded as such, and the tables show both with the speed-up."""
+    settings = _settings(decode_lengths=[16], decode_steps=3, repeats=2, decode_compile=True)
+    result = bench.bench_mechanism("gqa_2", "gqa_2", dict(TINY_MODEL), OptimConfig(), settings, torch.device("cpu"),
+                                   "32-true", None)
+    (eager,), (compiled,) = result["decode"], result["decode_compiled"]
+    assert set(compiled) == set(bench.COMPILED_DECODE_FIELDS) and compiled["error"] is None, compiled
+    assert compiled["context_len"] == eager["context_len"] == 16
+    assert compiled["tokens_per_s"] > 0 and compiled["compile_s"] > 0
+    assert (compiled["graphs_compiled"], compiled["recompiles"]) == (1, 0)
+
+    routed = bench.bench_mechanism("moas_top1", "moas_top1", dict(TINY_MODEL), OptimConfig(),
+                                   _settings(decode_lengths=[16], decode_compile=True), torch.device("cpu"),
+                                   "32-true", None)
+    (entry,) = routed["decode_compiled"]
+    assert entry["error"].startswith("no static decoding step: layer 0 (moas): routed top_k=1")
+    assert entry["tokens_per_s"] is None and routed["decode"][0]["error"] is None
+
+    lm_head = bench.measure_lm_head(dict(TINY_MODEL), settings, torch.device("cpu"), repeats=3, flush_bytes=2**20)
+    assert set(lm_head) == set(bench.LM_HEAD_FIELDS) and lm_head["bytes"] == 97 * 64 * 4
+    assert min(lm_head["read_ms"], lm_head["cold_read_ms"], lm_head["matvec_ms"]) > 0
+    tables = {title.split(",")[0].split(";")[0]: (header, rows) for title, header, rows in bench.mechanism_tables(
+        {"mechanisms": {"gqa_2": result, "moas_top1": routed}, "lm_head": lm_head})}
+    header, rows = tables["Decode tokens/s with the cache"]
+    assert header == ["mechanism", "context 16", "compiled, context 16"]
+    speedup = compiled["tokens_per_s"] / eager["tokens_per_s"]
+    assert rows[0][2].endswith(f", {speedup:.2f}x, 1+0 graphs") and rows[1][2] == "n/a"
+    header, rows = next(v for k, v in tables.items() if k.startswith("Decode ms per token"))
+    assert [row[:3] for row in rows] == [["gqa_2", "eager", "16"], ["gqa_2", "compiled", "16"],
+                                         ["moas_top1", "eager", "16"]]

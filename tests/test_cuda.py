@@ -1,6 +1,7 @@
 """The CUDA paths against the CPU float32 paths: every preset's forward on the GPU (memory-efficient
 and flash SDPA, compiled flex attention for sliding windows, flash-linear-attention kernels under
-bf16), cached decoding, bf16 training steps, and ``train.py trainer=gpu``. Skipped without a GPU
+bf16), cached decoding (eager, and the compiled static step with CUDA graphs), bf16 training
+steps, and ``train.py trainer=gpu``. Skipped without a GPU
 (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ def test_cuda_cached_decoding_equals_full_forward(preset):
         parts += [gpu(idx[:, t:t + 1], cache=cache).logits for t in range(22, 40)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
     assert cache.nbytes() == gpu.cache_bytes(2, 40)
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa_2", "mqa", "mla", "linear", "moh", "static_moas",
+                                       {"name": "sliding", "window": 8}, {"name": "sparse", "top_k": 8}],
+                         ids=lambda a: a if isinstance(a, str) else a["name"])
+def test_compiled_step_with_cuda_graphs_equals_the_full_forward(attention):
+    """GPT.step(compile=True) on CUDA: mode="reduce-overhead" (CUDA graphs) over caches whose
+    addresses are marked static; one graph for 40 positions (the window wrapping, the top-k
+    selection starting), the full forward's logits, the cache still its closed form."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    gpu = GPT.from_config(TINY_MODEL, attention).cuda().eval()
+    idx = torch.randint(0, 97, (2, 48), device="cuda")
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        full = gpu(idx).logits
+        cache = gpu.init_cache(2, 48)
+        gpu(idx[:, :8], cache=cache)
+        steps = [gpu.step(idx[:, t:t + 1], cache, compile=True) for t in range(8, 48)]
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 8:], atol=1e-4, rtol=1e-4)
+    assert cache.nbytes() == gpu.cache_bytes(2, 48)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -107,3 +107,89 @@ def test_unknown_model_field():
 
     with pytest.raises(ConfigError, match=r"model\.n_layer=4: unknown option for model; allowed: the fields"):
         from_dict(ModelConfig, {**TINY_MODEL, "n_layer": 4}, "model")
+
+
+#: One preset per decode_step implementation, with windows and top-k small enough that the
+#: steps cross them (the rolling buffer wraps, the indexer starts selecting).
+STATIC_STEP_ATTENTION = ["mha", "gqa_2", "mla", "linear", "identity", "static_moas", "moas", "moh",
+                         {"name": "sliding", "window": 5}, {"name": "sparse", "top_k": 5, "index_head_dim": 16}]
+
+
+@pytest.mark.parametrize("attention", STATIC_STEP_ATTENTION, ids=lambda a: a if isinstance(a, str) else a["name"])
+def test_compiled_static_step_is_one_graph_for_every_position(attention):
+    """Traced with fullgraph=True (no graph breaks) and counted: one frame compiled for 22 steps
+    whose position, window fill and top-k selection change, with the full forward's logits."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(GPT.static_step, backend=counter, fullgraph=True)
+    model = GPT.from_config(TINY_MODEL, attention).eval()
+    idx = torch.randint(0, 97, (2, 24))
+    cache = model.init_cache(2, 24)
+    with torch.no_grad():
+        full = model(idx).logits
+        model(idx[:, :2], cache=cache)
+        steps = []
+        for t in range(2, 24):
+            steps.append(step(model, idx[:, t:t + 1], cache))
+            cache.advance(1)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=2e-5, rtol=1e-4)
+
+
+def test_generate_compiled_equals_eager_and_compiles_once():
+    """generate(compile=True) through inductor: one graph for all steps (dynamo's own counter),
+    the same greedy tokens as eager decoding, and a second call with the same shapes reuses it;
+    other lengths (other cache sizes) compile one more graph, for any length, and no other."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = GPT.from_config(TINY_MODEL, "gqa_2").eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    eager = model.generate(prompt, max_new_tokens=20, temperature=0)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = model.generate(prompt, max_new_tokens=20, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert torch.equal(compiled, eager)
+    again = model.generate(prompt.flip(1), max_new_tokens=20, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert torch.equal(again, model.generate(prompt.flip(1), max_new_tokens=20, temperature=0))
+    for length in (9, 31):
+        longer = model.generate(prompt, max_new_tokens=length, temperature=0, compile=True)
+        assert torch.equal(longer, model.generate(prompt, max_new_tokens=length, temperature=0))
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_step_checks_the_cache_and_position_limits():
+    model = GPT.from_config({**TINY_MODEL, "pos_encoding": "learned"}, "mha").eval()
+    cache = model.init_cache(1, 3)
+    with torch.no_grad():
+        for _ in range(3):
+            model.step(torch.zeros(1, 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="sequence of 4 positions exceeds the limit of 3"):
+            model.step(torch.zeros(1, 1, dtype=torch.long), cache)
+    assert cache.pos == 3 and int(cache.position) == 3
+
+
+def test_generate_with_compile_falls_back_to_eager_without_a_static_step(caplog):
+    model = GPT.from_config(TINY_MODEL, "moas_top1").eval()
+    prompt = torch.randint(0, 97, (1, 4))
+    with caplog.at_level("WARNING", logger="attnlab.model"):
+        out = model.generate(prompt, max_new_tokens=5, temperature=0, compile=True)
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=5, temperature=0))
+    assert "decoding eagerly" in caplog.text and "routed top_k=1" in caplog.text
+
+
+@pytest.mark.parametrize("attention", STATIC_STEP_ATTENTION, ids=lambda a: a if isinstance(a, str) else a["name"])
+def test_static_step_under_bf16_autocast_matches_eager_decoding(attention):
+    """16-bit rows written into a float32 cache (both paths), to bf16 rounding."""
+    model = GPT.from_config(TINY_MODEL, attention).eval()
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, static = model.init_cache(2, 24), model.init_cache(2, 24)
+        model(idx[:, :8], cache=eager)
+        model(idx[:, :8], cache=static)
+        expected = [model(idx[:, t:t + 1], cache=eager).logits[:, -1] for t in range(8, 24)]
+        steps = [model.step(idx[:, t:t + 1], static) for t in range(8, 24)]
+    torch.testing.assert_close(torch.stack(steps), torch.stack(expected), atol=0.05, rtol=0.05)

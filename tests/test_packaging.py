@@ -3,7 +3,7 @@
 A wheel is built from this checkout (and one from its sdist: the same files), installed into a
 fresh virtualenv with no checkout on its path, and used from another directory: every preset
 through the Python API, a sweep through ``attnlab-train`` with the report at its end,
-``attnlab-report`` and ``attnlab-bench``, and the example project of the README
+``attnlab-report``, ``attnlab-bench`` and ``attnlab-sample``, and the example project of the README
 (tests/example_project: its own mechanism, presets and experiment in a user config directory).
 
 No network: the build runs without isolation, and instead of installing torch and the other
@@ -121,7 +121,7 @@ def test_installed_wheel_from_another_directory(tmp_path):
     assert sorted(f for f in files if f.startswith("attnlab/conf/")) == configs
     assert sorted(zipfile.ZipFile(_wheel_from_sdist(source, tmp_path)).namelist()) == sorted(files)
     entry_points = zipfile.ZipFile(wheel).read(next(f for f in files if f.endswith("entry_points.txt"))).decode()
-    assert all(f"attnlab-{name} = attnlab.cli:{name}" in entry_points for name in ("train", "bench", "report"))
+    assert all(f"attnlab-{name} = attnlab.cli:{name}" in entry_points for name in ("train", "bench", "sample", "report"))
 
     bin_dir = _fresh_venv(tmp_path / "venv", wheel)
     work = tmp_path / "work"  # the user's project: no checkout, no attnlab/ folder
@@ -150,3 +150,10 @@ def test_installed_wheel_from_another_directory(tmp_path):
     assert "my_moas" in report.stdout and (work / "report" / "results.md").is_file()
     bench = _run([bin_dir / "attnlab-bench", "bench.quick=true", "--cfg", "job"], cwd=work, env=env)
     assert "quick: true" in bench.stdout
+    # attnlab-sample composes the packaged sample config; bad input: one line, exit status 2
+    assert "attnlab-sample" in _run([bin_dir / "attnlab-sample", "--help"], cwd=work, env=env).stdout
+    missing = subprocess.run([bin_dir / "attnlab-sample", "ckpt_path=missing.ckpt", "prompt=hi"], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and missing.stdout == "", missing
+    assert missing.stderr.strip().splitlines() == [
+        "error: ckpt_path='missing.ckpt': file not found; allowed: an existing checkpoint file"]

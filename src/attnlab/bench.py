@@ -4,7 +4,10 @@ For every mechanism (every registered name, or the presets in ``bench.attention`
 
 * **training**: tokens/s of a full step (forward, task + aux losses, backward, AdamW) and its peak
   memory, at each context length; model FLOPs per token and MFU against the measured matmul peak;
-* **decoding**: tokens/s of single-token steps with the cache, after a prefill of ``L`` tokens;
+* **decoding**: tokens/s of single-token steps with the cache, after a prefill of ``L`` tokens:
+  eager (each mechanism's own code) and, with ``bench.decode_compile=true``, the compiled static
+  step (``GPT.step(compile=True)``, CUDA graphs on CUDA) with its compile time and graph counts;
+  beside them the time of one read of the LM head's weights, the floor of any decoding step;
 * **cache**: bytes per token held by the actual cache tensors after ``L`` tokens, beside the
   mechanism's closed form (and ``used_nbytes()`` where a cache class reports what it uses);
 * **parameters**: ``GPT.parameter_counts()``.
@@ -76,9 +79,15 @@ TRAIN_FIELDS = ("seq_len", "batch_size", "tokens_per_step", "tokens_per_s", "tok
                 "flops_per_step", "flops_per_token", "flops_by_op", "mfu", "error")
 DECODE_FIELDS = ("context_len", "batch_size", "steps", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
                  "ms_per_token", "error")
+#: Compiled decoding adds: seconds of the first (compiling) step, graphs compiled for it and
+#: graphs compiled afterwards (0: every later position ran the same graph).
+COMPILED_DECODE_FIELDS = (*DECODE_FIELDS, "compile_s", "graphs_compiled", "recompiles")
+LM_HEAD_FIELDS = ("vocab_size", "d_model", "bytes", "read_ms", "read_ms_min", "read_ms_max", "read_gb_per_s",
+                  "cold_read_ms", "cold_read_ms_min", "cold_read_ms_max", "cold_read_gb_per_s",
+                  "matvec_ms", "matvec_ms_min", "matvec_ms_max", "error")
 CACHE_FIELDS = ("context_len", "dtype", "measured_bytes_per_token", "closed_form_bytes_per_token",
                 "used_bytes_per_token", "matches_closed_form", "error")
-MECHANISM_FIELDS = ("label", "attention", "params", "error", "train", "decode", "cache")
+MECHANISM_FIELDS = ("label", "attention", "params", "error", "train", "decode", "decode_compiled", "cache")
 REFERENCE_FIELDS = ("name", "path", "dropout", "compile", "batch_size", "seq_len", "tokens_per_s",
                     "tokens_per_s_min", "tokens_per_s_max", "step_ms", "step_ms_iqr", "peak_memory_bytes",
                     "peak_memory_method", "error")
@@ -98,6 +107,7 @@ class BenchSettings:
     decode_lengths: list | None = None
     decode_steps: int = 32
     decode_batch_size: int = 1
+    decode_compile: bool = False
     warmup: int = 2
     compile_warmup: int = 3
     repeats: int = 5
@@ -411,30 +421,91 @@ def _prefill(model: GPT, cache: ModelCache, batch_size: int, length: int, device
 
 @torch.no_grad()
 def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device: torch.device,
-                   precision: str, compiled: bool = False) -> dict[str, Any]:
+                   precision: str, compiled: bool = False, static_step: bool = False) -> dict[str, Any]:
     """Tokens/s of single-token greedy steps with the cache after a prefill of ``context_len``.
 
     Each timed call decodes ``decode_steps`` tokens (so the context grows by up to
-    ``(warmup + repeats) * decode_steps`` during the measurement)."""
+    ``(warmup + repeats) * decode_steps`` during the measurement). ``static_step``: the steps run
+    ``GPT.step(compile=True)`` after a fresh ``torch._dynamo.reset()`` (every mechanism is counted
+    from zero and gets the whole recompile limit); its first call, which compiles, is timed
+    separately. ``compiled``: the model itself was compiled for training, so the prefill and the
+    eager steps run it eagerly."""
     steps, batch_size = settings.decode_steps, settings.decode_batch_size
-    entry = dict.fromkeys(DECODE_FIELDS)
+    entry = dict.fromkeys(COMPILED_DECODE_FIELDS if static_step else DECODE_FIELDS)
     entry.update(context_len=context_len, batch_size=batch_size, steps=steps)
-    total = context_len + (settings.warmup + settings.repeats) * steps
-    with _eval_mode(model), _eager(compiled), _autocast(device, precision):
-        cache = model.init_cache(batch_size, total)
-        token = _prefill(model, cache, batch_size, context_len, device)
+    if static_step and (reason := model.decode_step_unsupported()) is not None:
+        entry["error"] = f"no static decoding step: {reason}"
+        return entry
+    total = context_len + (settings.warmup + settings.repeats) * steps + static_step
+    with _eval_mode(model), _autocast(device, precision):
+        with _eager(compiled):
+            cache = model.init_cache(batch_size, total)
+            token = _prefill(model, cache, batch_size, context_len, device)
+        if static_step:
+            step = partial(model.step, cache=cache, compile=True)
+            stance: contextlib.AbstractContextManager = contextlib.nullcontext()
+            torch._dynamo.reset()
+            before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            token = step(token).argmax(dim=-1, keepdim=True)
+            synchronize(device)
+            entry["compile_s"] = time.perf_counter() - start
+            compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            entry["graphs_compiled"] = compiled_graphs - before
+        else:
+            def step(token: Tensor) -> Tensor:
+                return model(token, cache=cache, last_only=True).logits[:, -1]
+            stance = _eager(compiled)
 
         def decode_steps() -> None:
             nonlocal token
             for _ in range(steps):
-                logits = model(token, cache=cache, last_only=True).logits
-                token = logits[:, -1].argmax(dim=-1, keepdim=True)
+                token = step(token).argmax(dim=-1, keepdim=True)
 
-        seconds = time_calls(decode_steps, settings.warmup, settings.repeats, device)
+        with stance:
+            seconds = time_calls(decode_steps, settings.warmup, settings.repeats, device)
+        if static_step:
+            entry["recompiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_graphs
     stats = summarize(seconds)
     tokens = steps * batch_size
     entry.update(tokens_per_s=tokens / stats["median"], tokens_per_s_min=tokens / stats["max"],
                  tokens_per_s_max=tokens / stats["min"], ms_per_token=1e3 * stats["median"] / steps)
+    return entry
+
+
+@torch.no_grad()
+def measure_lm_head(model_values: dict[str, Any], settings: BenchSettings, device: torch.device,
+                    repeats: int = 50, flush_bytes: int = 256 * 2**20) -> dict[str, Any]:
+    """The floor of a decoding step: the time to read the LM head's ``(V, C)`` float32 weights once
+    (a sum over them: a pure streaming read) and of the LM head's own product for one token
+    (``F.linear`` of ``(decode_batch_size, C)``), medians of ``repeats`` calls with min and max.
+    ``read`` reads a weight read over and over (from the last-level cache when it fits there);
+    ``cold_read`` reads it after writing ``flush_bytes`` elsewhere, i.e. from memory, as a decoding
+    step whose weights and caches together outgrow the cache does."""
+    entry = dict.fromkeys(LM_HEAD_FIELDS)
+    V, C = model_values["vocab_size"], model_values["d_model"]
+    weight = torch.randn(V, C, device=device)
+    x = torch.randn(settings.decode_batch_size, C, device=device)
+    entry.update(vocab_size=V, d_model=C, bytes=weight.numel() * weight.element_size())
+    flush = torch.empty(flush_bytes // 4, device=device)
+
+    def cold_read() -> float:
+        flush.fill_(1.0)
+        synchronize(device)
+        start = time.perf_counter()
+        weight.sum()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    timings = {"read": time_calls(weight.sum, 5, repeats, device),
+               "cold_read": [cold_read() for _ in range(max(3, repeats // 5))],
+               "matvec": time_calls(lambda: torch.nn.functional.linear(x, weight), 5, repeats, device)}
+    for name, seconds in timings.items():
+        stats = summarize(seconds)
+        entry.update({f"{name}_ms": 1e3 * stats["median"], f"{name}_ms_min": 1e3 * stats["min"],
+                      f"{name}_ms_max": 1e3 * stats["max"]})
+    for name in ("read", "cold_read"):
+        entry[f"{name}_gb_per_s"] = entry["bytes"] / (entry[f"{name}_ms"] * 1e-3) / 1e9
     return entry
 
 
@@ -485,7 +556,7 @@ def bench_mechanism(label: str, attention: Any, model_values: dict[str, Any], op
     decoded = (settings.warmup + settings.repeats) * settings.decode_steps  # positions beyond the prefill
     needed = max(max(settings.lengths), max(decode_lengths) + decoded)
     result: dict[str, Any] = dict.fromkeys(MECHANISM_FIELDS)
-    result.update(label=label, train=[], decode=[], cache=[])
+    result.update(label=label, train=[], decode=[], decode_compiled=[], cache=[])
     batch_sizes = {L: settings.batch_size or max(1, settings.tokens_per_step // L) for L in settings.lengths}
     try:
         torch.manual_seed(0)
@@ -507,8 +578,10 @@ def bench_mechanism(label: str, attention: Any, model_values: dict[str, Any], op
         result["train"] = [_failed(TRAIN_FIELDS, error, seq_len=L, batch_size=batch_sizes[L],
                                    tokens_per_step=L * batch_sizes[L]) for L in settings.lengths]
         result["decode"] = [_failed(DECODE_FIELDS, error, context_len=L) for L in decode_lengths]
+        if settings.decode_compile:
+            result["decode_compiled"] = [_failed(COMPILED_DECODE_FIELDS, error, context_len=L) for L in decode_lengths]
         result["cache"] = [_failed(CACHE_FIELDS, error, context_len=L) for L in decode_lengths]
-        for _ in range(len(settings.lengths) + 2 * len(decode_lengths)):
+        for _ in range(measurements_per_mechanism(settings)):
             advance(label)
         return result
 
@@ -524,12 +597,23 @@ def bench_mechanism(label: str, attention: Any, model_values: dict[str, Any], op
         advance(f"{label}: decoding at context {L}")
         result["decode"].append(_attempt(DECODE_FIELDS, {"context_len": L}, device, partial(
             measure_decode, model, L, settings, device, precision, settings.compile)))
+        if settings.decode_compile:
+            advance(f"{label}: compiled decoding at context {L}")
+            result["decode_compiled"].append(_attempt(COMPILED_DECODE_FIELDS, {"context_len": L}, device, partial(
+                measure_decode, model, L, settings, device, precision, settings.compile, static_step=True)))
         advance(f"{label}: cache bytes at context {L}")
         result["cache"].append(_attempt(CACHE_FIELDS, {"context_len": L}, device, partial(
             measure_cache, model, L, settings.compile)))
     del model
     _free_memory(device)
     return result
+
+
+def measurements_per_mechanism(settings: BenchSettings) -> int:
+    """Progress steps of :func:`bench_mechanism`: training lengths, then per decode length the
+    eager (and compiled) decoding and the cache."""
+    decode_count = len(settings.decode_lengths or settings.lengths)
+    return len(settings.lengths) + (3 if settings.decode_compile else 2) * decode_count
 
 
 def mechanisms_to_run(settings: BenchSettings, model_values: dict[str, Any],
@@ -753,6 +837,18 @@ def _rate(entry: dict[str, Any]) -> str:
     return f"{_num(entry['tokens_per_s'])} ({_num(entry['tokens_per_s_min'])}-{_num(entry['tokens_per_s_max'])})"
 
 
+def _compiled_rate(entry: dict[str, Any] | None, eager: dict[str, Any] | None) -> str:
+    """``tokens/s (min-max), x speedup, graphs + recompiles``, or why there is none."""
+    if entry is None:
+        return "-"
+    if entry.get("tokens_per_s") is None:
+        return "n/a" if (entry.get("error") or "").startswith("no static decoding step") else "error"
+    cell = _rate(entry)
+    if eager and eager.get("tokens_per_s"):
+        cell += f", {entry['tokens_per_s'] / eager['tokens_per_s']:.2f}x"
+    return cell + f", {entry['graphs_compiled']}+{entry['recompiles']} graphs"
+
+
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.1f}"
 
@@ -793,12 +889,35 @@ def mechanism_tables(result: dict[str, Any]) -> list[Table]:
         rows.append([label, *cells])
     tables.append(("Model MFLOPs per training token / MFU", ["mechanism", *(f"T={L}" for L in lengths)], rows))
 
+    compiled_lengths = sorted({e["context_len"] for m in mechanisms.values() for e in m.get("decode_compiled") or []})
     rows = []
     for label, m in mechanisms.items():
         decode = by_length(m["decode"], "context_len")
-        rows.append([label, *(_rate(decode[L]) if L in decode else "-" for L in decode_lengths)])
-    tables.append(("Decode tokens/s with the cache, median (min-max)",
-                   ["mechanism", *(f"context {L}" for L in decode_lengths)], rows))
+        compiled = by_length(m.get("decode_compiled") or [], "context_len")
+        cells = [_rate(decode[L]) if L in decode else "-" for L in decode_lengths]
+        cells += [_compiled_rate(compiled.get(L), decode.get(L)) for L in compiled_lengths]
+        rows.append([label, *cells])
+    tables.append(("Decode tokens/s with the cache, median (min-max)" + (
+        "; compiled: the static step under torch.compile, x = compiled / eager, graphs compiled + recompiles"
+        if compiled_lengths else ""),
+                   ["mechanism", *(f"context {L}" for L in decode_lengths),
+                    *(f"compiled, context {L}" for L in compiled_lengths)], rows))
+    lm_head = result.get("lm_head")
+    if lm_head and lm_head.get("read_ms") is not None:
+        rows = []
+        for label, m in mechanisms.items():
+            for kind, entries in (("eager", m["decode"]), ("compiled", m.get("decode_compiled") or [])):
+                for e in entries:
+                    if e.get("ms_per_token") is not None:
+                        rows.append([label, kind, str(e["context_len"]), _num(e["ms_per_token"], 3),
+                                     _num(e["ms_per_token"] / lm_head["read_ms"], 1),
+                                     _num(e["ms_per_token"] / lm_head["cold_read_ms"], 1)])
+        tables.append((f"Decode ms per token against one read of the LM head's weights "
+                       f"({lm_head['bytes'] / 2**20:,.1f} MiB: {lm_head['read_ms']:.3f} ms from the cache, "
+                       f"{lm_head['read_gb_per_s']:.1f} GB/s; {lm_head['cold_read_ms']:.3f} ms from memory, "
+                       f"{lm_head['cold_read_gb_per_s']:.1f} GB/s; its matvec {lm_head['matvec_ms']:.3f} ms)",
+                       ["mechanism", "decoding", "context", "ms per token", "x the read", "x the read from memory"],
+                       rows))
 
     rows = []
     for label, m in mechanisms.items():
@@ -872,6 +991,14 @@ NOTES = """\
   (bf16 peak for bf16-mixed, fp32 otherwise).
 - Cache bytes per token: the cache tensors' bytes after `L` tokens with `init_cache(1, L)`, over `L`,
   next to the mechanism's closed form `cache_bytes(1, L) / L`.
+- Compiled decoding (`bench.decode_compile=true`): `GPT.step(compile=True)` after a fresh
+  `torch._dynamo.reset()`; its first step (tracing and compiling, from inductor's on-disk cache
+  when warm) is timed apart as `compile_s`; graphs counted by dynamo (`unique_graphs`): those
+  compiled by the first step and those compiled afterwards (recompiles, 0 when every position ran
+  the same graph). `n/a`: the mechanism has no static step (the reason is listed under Errors).
+- LM head read: the LM head's weights summed (a streaming read) and its one-token matvec, on a
+  weight read over and over (so from the last-level cache when it fits) and, "from memory", after
+  writing 256 MiB elsewhere: the floor of a step, from the cache or from memory.
 """
 
 
@@ -885,7 +1012,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     if result.get("reference"):
         parts += [markdown_table(t) for t in reference_tables(result["reference"])]
     errors = [(label, m["error"] or e["error"]) for label, m in (result.get("mechanisms") or {}).items()
-              for e in [*m["train"], *m["decode"], *m["cache"]] if e["error"]]
+              for e in [*m["train"], *m["decode"], *(m.get("decode_compiled") or []), *m["cache"]] if e["error"]]
     if errors:
         parts += ["## Errors", ""] + [f"- `{label}`: {error}" for label, error in dict.fromkeys(errors)] + [""]
     parts.append(NOTES)
@@ -911,15 +1038,19 @@ def write_plots(out_dir: Path, mechanisms: dict[str, Any]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         lengths: set[int] = set()
         for i, (label, m) in enumerate(mechanisms.items()):
-            points = sorted((e[x_key], e[y_key]) for e in m[section] if e.get(y_key) is not None)
-            if not points:
-                continue
-            xs, ys = zip(*points)
-            lengths.update(xs)
-            if y_key == "peak_memory_bytes":
-                ys = [y / 2**20 for y in ys]
-            ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[(2 * i) % 20 + (2 * i // 20) % 2],
-                    label=label)
+            series = [(section, label, "-")]
+            if section == "decode":
+                series.append(("decode_compiled", f"{label} (compiled)", "--"))
+            for key, name, style in series:
+                points = sorted((e[x_key], e[y_key]) for e in m.get(key) or [] if e.get(y_key) is not None)
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                lengths.update(xs)
+                if y_key == "peak_memory_bytes":
+                    ys = [y / 2**20 for y in ys]
+                ax.plot(xs, ys, style, marker=markers[i % len(markers)],
+                        color=colors[(2 * i) % 20 + (2 * i // 20) % 2], label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         if lengths:
@@ -980,6 +1111,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "settings": {**dataclasses.asdict(settings), "precision": precision, "model": model_values,
                      "optim": dataclasses.asdict(optim), "argv": sys.argv[1:]},
         "mechanisms": {},
+        "lm_head": None,
         "reference": None,
         "notes": {"flops": "FLOPs the implementation executes (FlopCounterMode over forward+backward); fused causal "
                            "kernels count their triangle, explicitly masked paths the whole T x S product, so "
@@ -991,8 +1123,7 @@ def run(cfg: Any) -> dict[str, Any]:
     attention = to_container(cfg.get("attention"))  # the optional `attention=<preset>` group
     mechanisms = {} if settings.reference else mechanisms_to_run(settings, model_values, attention,
                                                                   _hydra_choice("attention"))
-    decode_count = len(settings.decode_lengths or settings.lengths)
-    per_mechanism = len(settings.lengths) + 2 * decode_count
+    per_mechanism = measurements_per_mechanism(settings)
     reference_count = len(settings.reference_dropouts) * (3 if settings.reference_compile else 2)
     total = reference_count if settings.reference else per_mechanism * len(mechanisms)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -1008,6 +1139,9 @@ def run(cfg: Any) -> dict[str, Any]:
 
         if settings.reference:
             result["reference"] = run_reference(model_values, optim, settings, device, precision, advance)
+        elif mechanisms:
+            result["lm_head"] = _attempt(LM_HEAD_FIELDS, {}, device, partial(measure_lm_head, model_values, settings,
+                                                                             device))
         for label, attention in mechanisms.items():
             result["mechanisms"][label] = bench_mechanism(label, attention, model_values, optim, settings, device,
                                                           precision, peak, advance)

@@ -1,6 +1,6 @@
-"""Command-line entry points: ``attnlab-train``, ``attnlab-bench`` and ``attnlab-report``
-([project.scripts] in pyproject.toml), and behind them ``train.py``, ``scripts/bench.py`` and
-``scripts/report.py`` in a checkout.
+"""Command-line entry points: ``attnlab-train``, ``attnlab-bench``, ``attnlab-sample`` and
+``attnlab-report`` ([project.scripts] in pyproject.toml), and behind them ``train.py``,
+``scripts/bench.py``, ``scripts/sample.py`` and ``scripts/report.py`` in a checkout.
 
 The Hydra commands compose the config tree shipped inside the package
 (:data:`attnlab.paths.CONF_DIR`), so they behave the same from any working directory: runs go
@@ -45,6 +45,8 @@ def hydra_command(config_name: str, target: str) -> Callable[[], Any]:
 train = hydra_command("train", "attnlab.train:run_job")
 #: ``attnlab-bench``: the efficiency benchmark (see :func:`attnlab.bench.run`).
 bench = hydra_command("bench", "attnlab.bench:run")
+#: ``attnlab-sample``: text from a run's checkpoint (see :func:`attnlab.sample.run`).
+sample = hydra_command("sample", "attnlab.sample:run")
 
 
 REPORT_DESCRIPTION = """\

@@ -19,7 +19,10 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding tables (rotate-half convention, as in GPT-NeoX and Llama).
 
     Mechanisms ask for the rotary dimension they need (MLA rotates only ``qk_rope_head_dim``
-    channels), so tables are cached per ``(dim, device)`` and grown on demand.
+    channels), so tables are cached per ``(dim, device)`` and grown on demand. A static decoding
+    step gives its position as a tensor (:meth:`rotate` with a 0-d ``start``): its angles are
+    computed from the position with the tables' own float64 formula, so no table has to be grown
+    (or looked up by a host integer) inside a compiled graph.
     """
 
     def __init__(self, theta: float = 10000.0):
@@ -32,21 +35,29 @@ class RotaryEmbedding(nn.Module):
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < length:
             size = max(length, 2 * table[0].shape[0] if table is not None else length)
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
-            angles = torch.outer(torch.arange(size, device=device, dtype=torch.float64), inv_freq)
-            angles = torch.cat([angles, angles], dim=-1)
-            table = (angles.cos().float(), angles.sin().float())
+            table = self._cos_sin(dim, torch.arange(size, device=device))
             self._tables[key] = table
         return table
+
+    def _cos_sin(self, dim: int, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 ``cos, sin`` ``(len(positions), dim)``, the angles computed in float64."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim))
+        angles = positions.to(torch.float64)[:, None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().float(), angles.sin().float()
 
     def cos_sin(self, dim: int, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``cos, sin`` of shape ``(length, dim)`` for positions ``start..start+length``."""
         cos, sin = self._table(dim, start + length, device)
         return cos[start:start + length], sin[start:start + length]
 
-    def rotate(self, x: Tensor, start: int) -> Tensor:
-        """Rotate ``x`` ``(..., T, D)`` whose time axis begins at absolute position ``start``."""
-        cos, sin = self.cos_sin(x.shape[-1], start, x.shape[-2], x.device)
+    def rotate(self, x: Tensor, start: int | Tensor) -> Tensor:
+        """Rotate ``x`` ``(..., T, D)`` whose time axis begins at absolute position ``start``: an
+        int, or a 0-d integer tensor (static decoding steps; the same values as the tables)."""
+        if isinstance(start, Tensor):
+            cos, sin = self._cos_sin(x.shape[-1], start + torch.arange(x.shape[-2], device=start.device))
+        else:
+            cos, sin = self.cos_sin(x.shape[-1], start, x.shape[-2], x.device)
         return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
 
 

@@ -302,6 +302,10 @@ class LitLM(L.LightningModule):
             "val_curve": self.val_curve,
             "train_curve": self.train_curve,
         }
+        # the tokenizer, so that scripts/sample.py can turn ids into text from the checkpoint alone
+        tokenizer_spec = getattr(getattr(self._trainer, "datamodule", None), "tokenizer_spec", None)
+        if tokenizer_spec is not None:
+            checkpoint["attnlab"]["tokenizer"] = tokenizer_spec()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("attnlab", {})

@@ -136,6 +136,23 @@ def test_absorbed_decoding_equals_unabsorbed_and_full_forward(q_lora_rank, pos_e
     torch.testing.assert_close(via_absorbed, full, atol=1e-10, rtol=1e-9)
 
 
+@pytest.mark.parametrize("absorb", [True, False])
+@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
+def test_static_decoding_step_equals_full_forward(absorb, pos_encoding):
+    """The compiled path's step (every cached row under a mask of the written ones), both ways."""
+    model = GPT.from_config({**TINY_MODEL, "pos_encoding": pos_encoding, "bias": True},
+                            {"name": "mla", **SMALL, "q_lora_rank": 20, "absorb": absorb}).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        idx = torch.randint(0, 97, (2, 24))
+        full = model(idx).logits
+        cache = model.init_cache(2, 24)
+        model(idx[:, :5], cache=cache)
+        steps = [model.step(idx[:, t:t + 1], cache) for t in range(5, 24)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], atol=1e-10, rtol=1e-9)
+
+
 def test_absorbed_decoding_never_materialises_per_head_keys():
     """One decoded token over S cached positions: the absorbed path touches O(S (r + d_r)) values,
     the unabsorbed one up-projects S * H * (d_n + d_v). (S large enough that the cache, not the

@@ -55,6 +55,27 @@ def test_cached_decoding_equals_full_forward(spec_id, batch_size):
 
 
 @pytest.mark.parametrize("spec_id", ALL_SPECS)
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_static_decoding_step_equals_full_forward(spec_id, batch_size):
+    """The static step (position as a tensor, whole buffers under a mask: what compiled decoding
+    runs) after a prefill; a mechanism without one says why and the step refuses to run."""
+    model = _model(spec_id)
+    idx = torch.randint(0, 97, (batch_size, 40))
+    cache = model.init_cache(batch_size, 40)
+    with torch.no_grad():
+        full = model(idx).logits
+        parts = [model(idx[:, :17], cache=cache).logits]
+        if model.decode_step_unsupported() is not None:
+            with pytest.raises(ValueError, match="no static decoding step"):
+                model.step(idx[:, 17:18], cache)
+            return
+        parts += [model.step(idx[:, t:t + 1], cache).unsqueeze(1) for t in range(17, 40)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=2e-5, rtol=1e-4)
+    assert cache.pos == 40 and int(cache.position) == 40
+    assert cache.nbytes() == model.cache_bytes(batch_size, 40)
+
+
+@pytest.mark.parametrize("spec_id", ALL_SPECS)
 def test_causality(spec_id):
     """Changing token j never changes outputs at positions before j."""
     model = _model(spec_id)

@@ -226,3 +226,18 @@ def test_block_size_must_be_a_positive_integer(tiny_model_cfg):
 def test_kv_heads_are_validated_as_in_gqa(tiny_model_cfg):
     with pytest.raises(ConfigError, match=r"attention\.n_kv_heads=3: must divide model\.n_heads"):
         resolve_attention({"name": "sliding", "n_kv_heads": 3}, tiny_model_cfg)
+
+
+@pytest.mark.parametrize("window,length,spec", [(1, 20, {}), (5, 20, {}), (6, 20, {"n_kv_heads": 2}), (32, 20, {})])
+def test_static_decoding_step_equals_full_forward(window, length, spec):
+    """The compiled path's step over the rolling buffer: slots masked until written, then all of
+    them, wrapping around; a window longer than the sequence leaves a buffer of `length` slots."""
+    model = _gpt(window, **spec).double()
+    idx = torch.randint(0, 97, (2, length))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = model.init_cache(2, length)
+        model(idx[:, :1], cache=cache)
+        steps = [model.step(idx[:, t:t + 1], cache) for t in range(1, length)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 1:], atol=1e-10, rtol=1e-9)
+    assert all(layer.k.shape[2] == min(window, length) for layer in cache.layers)

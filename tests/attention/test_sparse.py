@@ -531,3 +531,25 @@ def test_invalid_options_are_named(option, value, message):
 def test_odd_index_head_dim_is_allowed_without_rope():
     _, attn = build({"pos_encoding": "learned"}, index_head_dim=7, top_k=2)
     assert attn(torch.randn(1, 5, 64, dtype=torch.float64), AttentionContext(None)).shape == (1, 5, 64)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_static_decoding_step_equals_full_forward(flat, n_kv_heads):
+    """The compiled path's step: the indexer over every cached row (unwritten ones excluded) and
+    exactly top_k gathered rows, the padding picks of early positions masked. A flat indexer
+    (all scores tied) must pick the latest positions there too."""
+    torch.manual_seed(0)
+    model = GPT.from_config(TINY_MODEL, {"name": "sparse", "top_k": 6, "index_head_dim": 16,
+                                         "n_kv_heads": n_kv_heads}).double().eval()
+    with torch.no_grad():
+        if flat:
+            for block in model.blocks:
+                block.attn.index_proj.weight[-block.attn.index_n_heads:] = 0
+        idx = torch.randint(0, 97, (2, 30))
+        full = model(idx).logits
+        cache = model.init_cache(2, 30)
+        model(idx[:, :2], cache=cache)
+        steps = [model.step(idx[:, t:t + 1], cache) for t in range(2, 30)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-10, rtol=1e-9)
+    assert cache.nbytes() == model.cache_bytes(2, 30)

@@ -180,3 +180,59 @@ def test_real_wikitext2_v1_with_gpt2(tmp_path):
     # the raw variant is not there and is not replaced by v1
     with pytest.raises(DataNotFoundError, match="data.variant=v1"):
         LMDataModule(variant="raw", data_dir=str(SHARED_DATA), cache_dir=str(tmp_path / "cache")).prepare_corpus()
+
+
+def test_stream_decoder_emits_characters_split_across_byte_level_tokens_once_complete():
+    """A byte-level BPE whose one merge joins the last byte of 'é' with the first of '€': the
+    stream emits 'é' with that token and '€' with its last byte, never a partial character."""
+    import tiktoken
+
+    from attnlab.data import GPT2Tokenizer, StreamDecoder
+
+    ranks = {bytes([i]): i for i in range(256)} | {b"\xa9\xe2": 256}
+    tok = GPT2Tokenizer(tiktoken.Encoding("bytes-test", pat_str=r"[\s\S]+", mergeable_ranks=ranks,
+                                           special_tokens={"<|endoftext|>": 257}))
+    ids = tok.encode("aé€").tolist()
+    assert ids == [ord("a"), 0xC3, 256, 0x82, 0xAC]
+    decoder = StreamDecoder(tok)
+    assert [decoder.push(i) for i in ids] == ["a", "", "é", "", "€"]
+    assert decoder.flush() == ""
+    # an unfinished character at the end becomes U+FFFD, as in decode()
+    cut = StreamDecoder(tok)
+    assert "".join(cut.push(i) for i in ids[:4]) + cut.flush() == tok.decode(ids[:4]) == "aé\ufffd"
+
+
+def test_char_tokenizer_spec_rebuilds_it_and_unknown_names_are_refused():
+    from attnlab.data import StreamDecoder, TokenizerError, tokenizer_from_spec
+
+    tok = CharTokenizer.from_text("héllo wörld")
+    rebuilt = tokenizer_from_spec(tok.spec())
+    assert rebuilt.itos == tok.itos and rebuilt.fingerprint == tok.fingerprint
+    decoder = StreamDecoder(rebuilt)
+    assert "".join(decoder.push(i) for i in tok.encode("wörld").tolist()) == "wörld"
+    with pytest.raises(TokenizerError, match="unknown tokenizer 'bpe'; known: gpt2, char"):
+        tokenizer_from_spec({"name": "bpe"})
+    with pytest.raises(TokenizerError, match="is not the recorded one"):
+        tokenizer_from_spec({**tok.spec(), "fingerprint": "char-0000"})
+
+
+def test_datamodule_records_its_tokenizer_without_loading_it(tmp_path):
+    write_wikitext(tmp_path / "data")
+    dm = datamodule(tmp_path)
+    assert dm.tokenizer_spec() == dm.tokenizer.spec()
+
+
+@pytest.mark.skipif(not has_gpt2_ranks(), reason="GPT-2 ranks file not present (../shared/data/tokenizers)")
+def test_stream_decoder_with_gpt2_bpe(tmp_path, monkeypatch):
+    from attnlab.data import StreamDecoder, load_gpt2, tokenizer_from_spec
+
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    tok = load_gpt2([SHARED_DATA], tmp_path / "tiktoken")
+    assert tokenizer_from_spec(tok.spec(), [SHARED_DATA], tmp_path / "tiktoken").fingerprint == tok.fingerprint
+    text = "Café 👋🏽 naïve — 東京"
+    ids = tok.encode(text).tolist()
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == text
+    assert "" in pieces  # some characters span several tokens: nothing is printed until they are complete
+    assert all("\ufffd" not in piece for piece in pieces)

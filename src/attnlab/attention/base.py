@@ -10,7 +10,10 @@ interface:
   statistics (read by callbacks, recorded only when asked for);
 * ``init_cache(...)`` returns an :class:`AttentionCache` holding what the mechanism keeps per
   token (or its recurrent state) for decoding; ``cache_bytes(...)`` is its closed form, which
-  the tests compare with the bytes actually held.
+  the tests compare with the bytes actually held;
+* ``decode_step(x, ctx, cache)`` (optional) decodes one token per sequence at a position given as
+  a tensor, with the same shapes at every position, so that ``torch.compile`` compiles the
+  model's step once (:meth:`attnlab.model.GPT.static_step`).
 """
 
 from __future__ import annotations
@@ -46,20 +49,23 @@ class AttentionConfig:
 class AttentionContext:
     """What one forward pass shares with every attention layer.
 
-    ``start_pos`` is the absolute position of ``x[:, 0]`` (non-zero while decoding with a cache).
-    ``step`` is the optimizer step during training (``None`` otherwise), for mechanisms whose
-    behaviour changes with training progress (the sparse indexer's warm-up).
-    Aux losses are summed over layers by name; statistics are stored per layer under
+    ``start_pos`` is the absolute position of ``x[:, 0]`` (non-zero while decoding with a cache):
+    an int, or in :meth:`Attention.decode_step` a 0-d int64 tensor on the model's device (which
+    ``RotaryEmbedding.rotate`` accepts too). ``step`` is the optimizer step during training
+    (``None`` otherwise), for mechanisms whose behaviour changes with training progress (the
+    sparse indexer's warm-up). Aux losses are summed over layers by name; statistics are stored per layer under
     ``"<scope>/<name>"`` and only when ``record_stats`` was requested, so they cost nothing in
     ordinary steps.
     """
 
-    def __init__(self, rope: RotaryEmbedding | None, start_pos: int = 0, record_stats: bool = False,
+    def __init__(self, rope: RotaryEmbedding | None, start_pos: int | Tensor = 0, record_stats: bool = False,
                  *, _aux: dict | None = None, _stats: dict | None = None, _prefix: str = "",
-                 training: bool = False, token_ids: Tensor | None = None, step: int | None = None):
+                 training: bool = False, token_ids: Tensor | None = None, step: int | None = None,
+                 _visible: list | None = None):
         self.rope = rope
         self.start_pos = start_pos
         self.step = step
+        self._visible: list[tuple[int, Tensor]] = [] if _visible is None else _visible
         self.aux_losses: dict[str, Tensor] = {} if _aux is None else _aux
         self.stats: dict[str, Tensor] | None = ({} if record_stats else None) if _stats is None else _stats
         self.prefix = _prefix
@@ -75,7 +81,21 @@ class AttentionContext:
         """A view whose statistics are stored under ``<prefix><name>/`` (aux losses stay shared)."""
         return AttentionContext(self.rope, self.start_pos, _aux=self.aux_losses,
                                 _stats=self.stats, _prefix=f"{self.prefix}{name}/",
-                                training=self.training, token_ids=self.token_ids, step=self.step)
+                                training=self.training, token_ids=self.token_ids, step=self.step,
+                                _visible=self._visible)
+
+    def visible(self, length: int) -> Tensor:
+        """In a static step: the boolean ``(1, 1, 1, length)`` mask of the slots ``0..start_pos`` of
+        a pre-allocated buffer, the ones written so far (a rolling buffer's slot ``s`` holds a
+        position ``<= start_pos`` exactly when ``s <= start_pos`` too). Built once per step and
+        length, shared by every layer. (Looked up by comparing lengths, not hashing them: in a graph
+        compiled for any cache length the length is symbolic, and hashing would specialise it.)"""
+        for known, mask in self._visible:
+            if known == length:
+                return mask
+        mask = (torch.arange(length, device=self.start_pos.device) <= self.start_pos).view(1, 1, 1, length)
+        self._visible.append((length, mask))
+        return mask
 
     def add_aux_loss(self, name: str, value: Tensor) -> None:
         """Add an (already weighted) auxiliary loss; it reaches the total training loss."""
@@ -140,6 +160,15 @@ class KVCache(AttentionCache):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
+        """Static step: write one token's ``k, v`` ``(B, H_kv, 1, D)`` at the 0-d tensor ``position``;
+        return the whole buffers ``(B, H_kv, S_max, D)`` (mask them with ``ctx.visible(S_max)``)."""
+        index = position.view(1)
+        # (under autocast the new rows may be 16-bit while the cache keeps its own dtype)
+        self.k.index_copy_(2, index, k.to(self.k.dtype))
+        self.v.index_copy_(2, index, v.to(self.v.dtype))
+        return self.k, self.v
+
 
 def causal_mask(q_len: int, k_len: int, start: int, device: torch.device | str) -> Tensor:
     """Boolean ``(q_len, k_len)`` mask, True where query ``start+i`` may see key ``j`` (``j <= start+i``)."""
@@ -161,7 +190,12 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
       head, so each cached K/V head is read once, not ``G`` times (8 query on 4 KV heads of width
       16, 16,384 cached tokens, 2 cores: 298 vs 386 us per call with ``enable_gqa``). The kernel
       parallelises over (sequence, KV head), so it packs only when those keep every thread busy
-      (MQA, one sequence: 318 vs 278 us). CUDA calls are left to its kernels (not measured).
+      (MQA, one sequence: 318 vs 278 us). A mask shared by the heads and the query (a static
+      decoding step's written positions) is shared by the packed rows too. On CUDA only such
+      masked single-token calls are packed: flash attention, the kernel that takes grouped K/V,
+      takes no mask, and the memory-efficient kernel that does then runs ``G`` query rows per KV
+      head instead of the unfused math path (reasoned from the kernels' constraints, not
+      measured); unmasked calls are left to the flash kernel.
     * CUDA: never cuDNN attention, which builds an execution graph for every new shape. Measured
       on an H100 (torch 2.11, whose SDPA picked it for bf16 calls): 58-68 ms per decoding call
       whose key length grew by one, 0.08 ms with flash. Routed MoAS, whose branch lengths change
@@ -175,7 +209,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     H_kv = k.shape[1]
     on_cpu = q.device.type == "cpu"
     enable_gqa = H_kv != H
-    if enable_gqa and T == 1 and attn_mask is None and on_cpu and B * H_kv >= torch.get_num_threads():
+    # a mask broadcast over heads and the query row (a static step's written positions) fits packed rows too
+    shared_mask = attn_mask is None or (attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1))
+    if enable_gqa and T == 1 and shared_mask and (B * H_kv >= cpu_threads() if on_cpu else attn_mask is not None):
         # one query per head: the G query heads of a KV head become G query rows of that head
         q = q.reshape(B, H_kv, H // H_kv, D)
         enable_gqa = False
@@ -192,6 +228,12 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     if v_dim != D:
         y = y[..., :v_dim]
     return y.reshape(B, H, T, v_dim) if y.shape[1] != H else y
+
+
+@torch._dynamo.assume_constant_result
+def cpu_threads() -> int:
+    """``torch.get_num_threads()``, which a compiled graph takes as the constant it was at tracing."""
+    return torch.get_num_threads()
 
 
 #: CUDA kernels for every call: flash (16-bit), memory-efficient, math; not cuDNN (see :func:`sdpa`).
@@ -270,6 +312,20 @@ class Attention(nn.Module):
     def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype) -> int:
         """Closed form of the bytes :meth:`init_cache` holds for ``context_len`` positions."""
         raise NotImplementedError
+
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """One token per sequence, ``x`` ``(B, 1, C)`` -> ``(B, 1, C)``, at position ``ctx.start_pos``,
+        a 0-d int64 tensor: the same result as :meth:`forward` with that cache, but with the same
+        shapes and the same Python control flow at every position (write the state at the tensor
+        position, read whole pre-allocated buffers under a mask, no host synchronisation), so a
+        compiled step is traced once. Inference only: no dropout, aux losses or statistics."""
+        raise NotImplementedError(f"{type(self).__name__} has no static decoding step")
+
+    def decode_step_unsupported(self) -> str | None:
+        """Why :meth:`decode_step` cannot decode this layer, or None when it can."""
+        if type(self).decode_step is Attention.decode_step:
+            return f"{type(self).__name__} implements no decode_step"
+        return None
 
     def length_extrapolation_issue(self) -> str | None:
         """Why this mechanism cannot run on sequences longer than those it was trained on (say, a

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig, divisors, require
 
-from .base import Attention, AttentionCache, AttentionConfig, AttentionContext, KVCache, mark_residual_projection, sdpa_causal
+from .base import (Attention, AttentionCache, AttentionConfig, AttentionContext, KVCache, mark_residual_projection, sdpa,
+                   sdpa_causal)
 from .registry import register_attention
 
 
@@ -67,6 +68,15 @@ class GroupedQueryAttention(Attention):
             k, v = cache.update(k, v, ctx.start_pos)
         y = sdpa_causal(q, k, v, ctx.start_pos, self.dropout_p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """One token over the whole pre-allocated cache, unwritten positions masked."""
+        assert isinstance(cache, KVCache)
+        q, k, v = self.project(x, ctx)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
+        y = sdpa(q, k, v, attn_mask=visible)
+        return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
     def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, self.head_dim, device, dtype)

@@ -27,6 +27,9 @@ class IdentityAttention(Attention):
         """``(B, T, C) -> (B, T, C)``, position-wise."""
         return self.out_proj(self.v_proj(x))
 
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        return self.forward(x, ctx, cache)
+
     def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> EmptyCache:
         return EmptyCache()
 

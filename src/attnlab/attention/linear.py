@@ -178,6 +178,11 @@ class GatedDeltaNet(Attention):
         o = self.out_norm(o) * F.silu(gate.view(B, T, H, self.v_dim))
         return self.out_proj(o.reshape(B, T, H * self.v_dim))
 
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """One token: :meth:`forward`'s step of the recurrence, already the same shapes at every
+        position (the state and the convolution window have no position axis)."""
+        return self.forward(x, ctx, cache)
+
     def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> GatedDeltaCache:
         return GatedDeltaCache(batch_size, self.n_heads, self.k_dim, self.v_dim, sum(self.qkv_split),
                                self.conv_size, device, dtype)

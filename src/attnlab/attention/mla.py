@@ -118,6 +118,12 @@ class MLACache(AttentionCache):
         self.entries[:, start:end] = entries
         return self.entries[:, :end]
 
+    def update_at(self, entries: Tensor, position: Tensor) -> Tensor:
+        """Static step: write one token's ``entries`` ``(B, 1, r + d_r)`` at the 0-d tensor
+        ``position``; return all ``S_max`` rows."""
+        self.entries.index_copy_(1, position.view(1), entries.to(self.entries.dtype))
+        return self.entries
+
 
 @register_attention("mla")
 class MultiHeadLatentAttention(Attention):
@@ -175,9 +181,21 @@ class MultiHeadLatentAttention(Attention):
             y = self.attend_unabsorbed(q_nope, q_rope, entries, ctx.start_pos)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def attend_unabsorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, start: int) -> Tensor:
-        """Materialise per-head keys and values from ``entries`` ``(B, S, r + d_r)``, then SDPA.
-        Returns ``(B, H, T, d_v)``."""
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """One token over every cached row, the unwritten ones masked (absorbed unless ``absorb: false``)."""
+        assert isinstance(cache, MLACache)
+        q_nope, q_rope, entries = self.project(x, ctx)
+        entries = cache.update_at(entries, ctx.start_pos)
+        visible = ctx.visible(entries.shape[1])
+        attend = self.attend_absorbed if self.absorb else self.attend_unabsorbed
+        y = attend(q_nope, q_rope, entries, visible=visible)
+        return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
+
+    def attend_unabsorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, start: int = 0,
+                          visible: Tensor | None = None) -> Tensor:
+        """Materialise per-head keys and values from ``entries`` ``(B, S, r + d_r)``, then SDPA,
+        causal from ``start`` or masked to ``visible`` (a static step's written rows). Returns
+        ``(B, H, T, d_v)``."""
         B, S, _ = entries.shape
         latent, k_rope = entries.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_up(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -185,11 +203,15 @@ class MultiHeadLatentAttention(Attention):
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, S, self.rope_dim)], dim=-1)
         # SDPA's default scale 1/sqrt(q.shape[-1]) is MLA's 1/sqrt(d_n + d_r)
+        if visible is not None:
+            return sdpa(q, k, v, attn_mask=visible)
         return sdpa_causal(q, k, v, start, self.dropout_p)
 
-    def attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, start: int) -> Tensor:
+    def attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, start: int = 0,
+                        visible: Tensor | None = None) -> Tensor:
         """Attend over the cached latents directly, ``W_uk`` folded into the queries and ``W_uv``
-        applied after. ``entries`` ``(B, S, r + d_r)``; returns ``(B, H, T, d_v)``."""
+        applied after. ``entries`` ``(B, S, r + d_r)``, causal from ``start`` or masked to
+        ``visible`` ``(1, 1, 1, S)`` (one query per head); returns ``(B, H, T, d_v)``."""
         B, H, T, _ = q_nope.shape
         S, r = entries.shape[1], self.kv_lora_rank
         w_uk, w_uv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r).split([self.nope_dim, self.v_dim], dim=1)
@@ -198,7 +220,10 @@ class MultiHeadLatentAttention(Attention):
         # All heads share the one key/value "head", so fold heads into the query axis (row h*T + t):
         # one (H*T, S) attention, and the cached rows are never repeated per head.
         q = q.reshape(B, 1, H * T, r + self.rope_dim)
-        mask = None if T == 1 else causal_mask(T, S, start, q.device).repeat(H, 1)
+        if visible is not None:
+            mask = visible
+        else:
+            mask = None if T == 1 else causal_mask(T, S, start, q.device).repeat(H, 1)
         # The values are the latents c_kv: pass the whole [c_kv ; k_rope] rows as values (the same
         # width as the keys, so the fused kernel runs without copying the cache) and drop the
         # rope columns of the output.

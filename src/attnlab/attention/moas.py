@@ -34,6 +34,14 @@ Execution:
 * sparse with a cache (decoding): rows route differently and their per-branch lengths differ,
   so each ``(row, branch)`` pair has its own batch-1 cache (:class:`RoutedMixtureCache`) and
   rows are processed one at a time.
+
+Static decoding steps (:meth:`~attnlab.attention.base.Attention.decode_step`, what compiled
+decoding runs): dense mixtures run every branch's step and mix as above. Sparse routing has none:
+which branch runs, and where it writes in its cache (the length of the row's subsequence routed
+to it, which is also the rotary position the branch sees), depend on the router's choices at
+every earlier token. A static step would have to run every branch on every token and discard
+all but the chosen ones, i.e. cost what the dense mixture costs, so such a mixture decodes
+eagerly.
 """
 
 from __future__ import annotations
@@ -162,17 +170,26 @@ class StaticMixtureOfAttentionSchemes(Attention):
         """``(B, T, C) -> (B, T, C)``: the mean of the branch outputs."""
         return self.mix_dense(x, ctx, cache, gates=None)
 
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        return self.mix_dense(x, ctx, cache, gates=None, step=True)
+
+    def decode_step_unsupported(self) -> str | None:
+        reasons = [f"branch {name}: {reason}" for name, branch in zip(self.branch_names, self.branches)
+                   if (reason := branch.decode_step_unsupported()) is not None]
+        return "; ".join(reasons) or None
+
     def mix_dense(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None,
-                  gates: Tensor | None) -> Tensor:
+                  gates: Tensor | None, step: bool = False) -> Tensor:
         """Every branch on the whole batch; ``sum_i gates[..., i] * O_i``, or their mean when
-        ``gates`` ``(B, T, n)`` is None."""
+        ``gates`` ``(B, T, n)`` is None. ``step``: the branches' static decoding steps."""
         caches: list[AttentionCache | None] = [None] * len(self.branches)
         if cache is not None:
             assert isinstance(cache, MixtureCache)
             caches = cache.branches
         y = torch.zeros_like(x)
         for i, branch in enumerate(self.branches):
-            out = branch(x, ctx.scope(self.branch_scopes[i]), caches[i])
+            run = branch.decode_step if step else branch
+            out = run(x, ctx.scope(self.branch_scopes[i]), caches[i])
             y = y + (out if gates is None else gates[..., i:i + 1] * out)
         return y if gates is not None else y / len(self.branches)
 
@@ -254,6 +271,17 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
             return self.mix_routed(x, ctx, gates, chosen)
         assert isinstance(cache, RoutedMixtureCache)
         return self.mix_routed_cached(x, ctx, cache, gates, chosen)
+
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """Dense routing only (see :meth:`decode_step_unsupported`)."""
+        _, gates, _ = self.route(x)
+        return self.mix_dense(x, ctx, cache, gates.to(x.dtype), step=True)
+
+    def decode_step_unsupported(self) -> str | None:
+        if self.sparse:
+            return (f"routed top_k={self.top_k} of {len(self.branches)} branches: the chosen branch and its "
+                    "position in its own subsequence cache depend on the routing of every earlier token")
+        return super().decode_step_unsupported()
 
     def branch_context(self, ctx: AttentionContext, i: int, start_pos: int,
                        token_ids: Tensor | None) -> AttentionContext:

@@ -44,6 +44,8 @@ n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of 
   (:meth:`attend_heads`): a KV group is read once for all its active heads (they become query
   rows of one packed call) and not at all when none is active; K/V are only sliced, never
   gathered. Below, as a batch. ``static`` and ``all`` take the same path.
+* A static decoding step (:meth:`decode_step`, compiled decoding): every head, weighted by the
+  router's gates as tensors, since host routing would break the compiled graph at every layer.
 * Any other call (a batch, a prompt): the KV groups that some token of the call needs, in
   contiguous runs of groups (slices of K/V); inactive heads inside them are computed and
   weighted 0. ``static`` never computes the groups beyond its heads. Training with ``router``
@@ -385,6 +387,23 @@ class MixtureOfHeadsAttention(Attention):
         if gates is not None:
             y = y * gates.to(y.dtype).unsqueeze(-1)
         return self.out_proj(y.reshape(B, T, -1))
+
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """The static step (compiled decoding): every head over the whole cache, weighted by the
+        router's tensor gates (0 for inactive heads), none of the host routing and per-active-set
+        kernel calls of :meth:`forward`'s single-sequence path, whose Python control flow depends
+        on the routing of each token."""
+        assert isinstance(cache, KVCache)
+        B = x.shape[0]
+        q, k, v = self.project(x, ctx)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
+        y = sdpa(q, k, v, attn_mask=visible).transpose(1, 2)  # (B, 1, H, D)
+        if self.routing == "router":
+            y = y * self.route(x, ctx)[0].to(y.dtype).unsqueeze(-1)
+        elif self.routing == "static":
+            y = y * self.static_gates.to(y.dtype).unsqueeze(-1)
+        return self.out_proj(y.reshape(B, 1, -1))
 
     def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, self.head_dim, device, dtype)

@@ -76,8 +76,17 @@ class RollingKVCache(AttentionCache):
         keep = min(k.shape[2], self.slots)
         end = start + k.shape[2]
         slot = torch.arange(end - keep, end, device=k.device) % self.slots
-        self.k.index_copy_(2, slot, k[:, :, -keep:])
-        self.v.index_copy_(2, slot, v[:, :, -keep:])
+        # (under autocast the new rows may be 16-bit while the cache keeps its own dtype)
+        self.k.index_copy_(2, slot, k[:, :, -keep:].to(self.k.dtype))
+        self.v.index_copy_(2, slot, v[:, :, -keep:].to(self.v.dtype))
+
+    def update_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
+        """Static step: store one token's ``k, v`` ``(B, H_kv, 1, D)`` of the 0-d tensor ``position``
+        in slot ``position % W``; return the whole buffers ``(B, H_kv, W, D)``."""
+        slot = (position % self.slots).view(1)
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
+        return self.k, self.v
 
     def recent(self, end: int, count: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions ``end-count..end``, in order: ``(B, H_kv, count, D)``."""
@@ -176,6 +185,17 @@ class SlidingWindowAttention(GroupedQueryAttention):
             y = self.attend(q, k, v, n_prefix=0)
         cache.write(k, v, start)  # after reading: the new tokens may overwrite the prefix's slots
         return self.out_proj(y)
+
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """One token over the rolling buffer: once written, its slots hold exactly the visible keys
+        (in slot order, which softmax attention does not care about); before, the unwritten ones
+        are masked."""
+        assert isinstance(cache, RollingKVCache)
+        q, k, v = self.project(x, ctx)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
+        y = sdpa(q, k, v, attn_mask=visible)
+        return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, n_prefix: int) -> Tensor:
         """``q`` ``(B, H, T, D)`` over ``k, v`` ``(B, H_kv, n_prefix + T, D)`` -> ``(B, T, H * D)``."""

@@ -139,6 +139,12 @@ class SparseKVCache(KVCache):
         self.index_k[:, start:end] = index_k
         return self.index_k[:, :end]
 
+    def update_index_keys_at(self, index_k: Tensor, position: Tensor) -> Tensor:
+        """Static step: write one token's ``index_k`` ``(B, 1, D_index)`` at the 0-d tensor
+        ``position``; return all ``(B, S_max, D_index)`` (unwritten rows are zeros)."""
+        self.index_k.index_copy_(1, position.view(1), index_k.to(self.index_k.dtype))
+        return self.index_k
+
 
 def index_scores(index_q: Tensor, index_k: Tensor, index_w: Tensor) -> Tensor:
     """``I(t, s) = sum_j w_j(t) ReLU(q_j(t) . k(s))``.
@@ -269,6 +275,31 @@ class SparseAttention(GroupedQueryAttention):
         positions = positions.unsqueeze(-1).expand(-1, self.n_kv_heads, -1, self.head_dim)
         k_selected, v_selected = k.gather(2, positions), v.gather(2, positions)
         return sdpa(q, k_selected, v_selected, dropout_p=self.dropout_p)
+
+    def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
+        """One token over the static cache: the indexer scores every cached row (unwritten ones
+        excluded), and the query attends over exactly ``top_k`` gathered rows, those beyond the
+        ``position + 1`` written ones (early positions) masked. Until the cache holds more than
+        ``top_k`` rows this is dense attention, as in :meth:`forward`."""
+        assert isinstance(cache, SparseKVCache)
+        B = x.shape[0]
+        q, k, v = self.project(x, ctx)
+        index_q, index_k, index_w = self.project_index(x, ctx)
+        k, v = cache.update_at(k, v, ctx.start_pos)
+        visible = ctx.visible(k.shape[2])
+        index_k = cache.update_index_keys_at(index_k, ctx.start_pos)
+        if self.top_k >= cache.max_len:
+            y = sdpa(q, k, v, attn_mask=visible)
+        else:
+            written = visible.view(1, 1, -1)
+            selected = select_top_k(index_scores(index_q, index_k, index_w), written, self.top_k)  # (B, 1, S_max)
+            # exactly min(top_k, position + 1) ones: topk returns them first, then unselected rows
+            # (value 0) that the mask hides
+            chosen = selected.to(q.dtype).topk(self.top_k, dim=-1)
+            rows = chosen.indices.unsqueeze(-1).expand(-1, self.n_kv_heads, -1, self.head_dim)
+            mask = chosen.values.view(B, 1, 1, self.top_k) > 0
+            y = sdpa(q, k.gather(2, rows), v.gather(2, rows), attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
     def add_indexer_loss(self, kl: Tensor, ctx: AttentionContext) -> None:
         """Record the indexer's KL and, in training, add it as an aux loss."""

@@ -224,6 +224,16 @@ class LMDataModule(L.LightningDataModule):
             self._tokenizer = self._make_tokenizer(alphabet=corpus.meta.get("alphabet"))
         return self._tokenizer
 
+    def tokenizer_spec(self) -> dict:
+        """What rebuilds the tokenizer (:func:`attnlab.data.tokenizers.tokenizer_from_spec`), from
+        the corpus metadata without loading it; checkpoints record it for sampling."""
+        meta = self.prepare_corpus().meta
+        spec = {"name": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+                "fingerprint": meta.get("tokenizer_fingerprint")}
+        if meta.get("alphabet") is not None:
+            spec["alphabet"] = meta["alphabet"]
+        return spec
+
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         self.prepare_corpus()

@@ -4,22 +4,29 @@ Offline, ``tiktoken.get_encoding`` only works from its cache. When a local GPT-2
 is found (``gpt2.tiktoken``, e.g. in ``<data_dir>/tokenizers/``), it is placed in a private
 tiktoken cache exactly as tiktoken would have downloaded it, so the real loader runs and
 verifies the file's sha256.
+
+A trained run records its tokenizer as a small :func:`Tokenizer.spec` (name, size, fingerprint and,
+for characters, the alphabet) in its checkpoints; :func:`tokenizer_from_spec` rebuilds it for
+sampling. :class:`StreamDecoder` turns generated ids into text as they come.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 # tiktoken's download URL for the GPT-2 ranks; its cache file is named by the URL's SHA-1.
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 GPT2_RANKS_FILENAME = "gpt2.tiktoken"
+TOKENIZER_NAMES = ("gpt2", "char")
 
 
 class TokenizerError(RuntimeError):
@@ -39,6 +46,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes token ``token_id`` stands for (a byte-level BPE token may hold part of a
+        character)."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this tokenizer (:func:`tokenizer_from_spec`): plain values for a checkpoint."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint}
+
 
 class GPT2Tokenizer(Tokenizer):
     """GPT-2 BPE (50,257 ids, ``<|endoftext|>`` = 50256)."""
@@ -57,6 +73,12 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        try:
+            return self.encoding.decode_single_token_bytes(token_id)
+        except KeyError:  # an id of a vocabulary padded beyond the encoding's
+            return CharTokenizer.UNKNOWN.encode("utf-8")
 
 
 class CharTokenizer(Tokenizer):
@@ -86,9 +108,55 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.itos[i] if 0 <= i < len(self.itos) else self.UNKNOWN for i in ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.decode([token_id]).encode("utf-8")
+
     @property
     def alphabet(self) -> str:
         return "".join(self.itos[1:])
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "alphabet": self.alphabet}
+
+
+class StreamDecoder:
+    """Text of a growing sequence of token ids, piece by piece: each token's bytes go through an
+    incremental UTF-8 decoder, so a character whose bytes are split across byte-level BPE tokens
+    is emitted once, when its last byte arrives. The pieces and :meth:`flush` join to
+    ``tokenizer.decode(ids)`` (invalid bytes become U+FFFD in both)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """The text completed by ``token_id`` (possibly empty)."""
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever an unfinished character left behind (U+FFFD), at the end of the stream."""
+        return self._utf8.decode(b"", final=True)
+
+
+def tokenizer_from_spec(spec: dict[str, Any], search_dirs: Iterable[str | Path | None] = (),
+                        cache_dir: str | Path | None = None) -> Tokenizer:
+    """Rebuild a tokenizer from :meth:`Tokenizer.spec`; the GPT-2 encoding is loaded with
+    :func:`load_gpt2` from ``search_dirs``. Raises :class:`TokenizerError` for an unknown name or
+    a tokenizer that differs from the recorded one."""
+    name = spec.get("name")
+    if name == "gpt2":
+        tokenizer: Tokenizer = load_gpt2(search_dirs, cache_dir)
+    elif name == "char":
+        if not isinstance(spec.get("alphabet"), str):
+            raise TokenizerError("the character tokenizer's record has no alphabet")
+        tokenizer = CharTokenizer(spec["alphabet"])
+    else:
+        raise TokenizerError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZER_NAMES)}")
+    expected = spec.get("fingerprint")
+    if expected is not None and tokenizer.fingerprint != expected:
+        raise TokenizerError(f"the {name} tokenizer found here ({tokenizer.fingerprint}) is not the recorded one "
+                             f"({expected})")
+    return tokenizer
 
 
 def find_gpt2_ranks(search_dirs: Iterable[str | Path | None]) -> Path | None:
