@@ -1,10 +1,12 @@
-"""Data: WikiText-2 and a synthetic corpus, tokenized, cached and served to Lightning."""
+"""Data: WikiText-2 and a synthetic corpus (tokenized, cached), and generated associative-recall
+sequences, served to Lightning."""
 
-from .datamodule import ContiguousWindows, LMDataModule, RandomWindows, ShardSampler, TokenizedCorpus
+from .datamodule import ContiguousWindows, LMDataModule, RandomWindows, SampledDataModule, ShardSampler, TokenizedCorpus
+from .mqar import MQARDataModule, MQARTask, MQARTokenizer
 from .tokenizers import CharTokenizer, GPT2Tokenizer, TokenizerError, load_gpt2
 from .wikitext import DataNotFoundError
 
 __all__ = [
-    "CharTokenizer", "ContiguousWindows", "DataNotFoundError", "GPT2Tokenizer", "LMDataModule", "RandomWindows",
-    "ShardSampler", "TokenizedCorpus", "TokenizerError", "load_gpt2",
+    "CharTokenizer", "ContiguousWindows", "DataNotFoundError", "GPT2Tokenizer", "LMDataModule", "MQARDataModule",
+    "MQARTask", "MQARTokenizer", "RandomWindows", "SampledDataModule", "ShardSampler", "TokenizedCorpus", "TokenizerError", "load_gpt2",
 ]
