@@ -115,7 +115,77 @@ def _atomic_write_dir(target: Path, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class LMDataModule(L.LightningDataModule):
+class SampledDataModule(L.LightningDataModule):
+    """What the data modules share: batch options and a resumable training stream.
+
+    Training sample ``i`` is ``train_dataset(n)[i]``, a pure function of ``(seed, i)``; a fit
+    draws samples from ``global_step * accumulate * batch_size * world_size`` on, so a resumed
+    fit sees exactly the batches the uninterrupted one would have seen. Subclasses provide
+    ``prepare_corpus()`` (its ``vocab_size`` sizes the model), ``train_dataset(length)`` and
+    ``steps_per_pass(world_size)`` (the steps of ``trainer.max_steps=-1``).
+    """
+
+    def __init__(self, block_size: int, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int):
+        super().__init__()
+        p = "data"
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            require(isinstance(value, int) and value >= 1, f"{p}.{name}", value, "an integer >= 1")
+        eval_batch_size = eval_batch_size or batch_size
+        require(isinstance(eval_batch_size, int) and eval_batch_size >= 1, f"{p}.eval_batch_size", eval_batch_size,
+                "an integer >= 1 or null")
+        require(isinstance(num_workers, int) and num_workers >= 0, f"{p}.num_workers", num_workers, "an integer >= 0")
+        self.block_size, self.batch_size, self.eval_batch_size = block_size, batch_size, eval_batch_size
+        self.num_workers, self.seed = num_workers, seed
+
+    def prepare_corpus(self) -> TokenizedCorpus:
+        raise NotImplementedError
+
+    def train_dataset(self, length: int) -> Dataset:
+        """Training samples ``0 .. length-1``; sample ``i`` depends only on ``(seed, i)``."""
+        raise NotImplementedError
+
+    def steps_per_pass(self, world_size: int) -> int:
+        """Optimizer steps of one pass over the training data (used when ``trainer.max_steps=-1``)."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        return self.prepare_corpus().vocab_size
+
+    def prepare_data(self) -> None:
+        self.prepare_corpus()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_corpus()
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_samples(self) -> tuple[int, int]:
+        """``(first, end)`` global sample indices this fit still has to draw."""
+        trainer = self.trainer
+        rank, world = self._rank_world()
+        per_step = self.batch_size * world * (trainer.accumulate_grad_batches if trainer is not None else 1)
+        if trainer is not None and trainer.max_steps > 0:
+            steps = trainer.max_steps
+        else:
+            steps = self.steps_per_pass(world)
+        done = trainer.global_step if trainer is not None else 0
+        return done * per_step, steps * per_step
+
+    def train_dataloader(self) -> DataLoader:
+        first, end = self.train_samples()
+        rank, world = self._rank_world()
+        sampler = ShardSampler(end, first, rank, world)
+        # a private generator keeps worker seeding from consuming the global RNG (exact resume)
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_dataset(end), batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=True, generator=generator,
+                          persistent_workers=self.num_workers > 0)
+
+
+class LMDataModule(SampledDataModule):
     """WikiText-2 or the synthetic corpus, tokenized with GPT-2 BPE or characters.
 
     Args:
@@ -133,23 +203,16 @@ class LMDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 0, data_dir: str | None = None,
                  cache_dir: str | None = None, tokenizer_dir: str | None = None, seed: int = 0,
                  max_eval_tokens: int | None = None, synthetic_options: dict | None = None):
-        super().__init__()
         p = "data"
         require(source in ("wikitext2", "synthetic"), f"{p}.source", source, "'wikitext2' | 'synthetic'")
         require(variant in wikitext.VARIANTS, f"{p}.variant", variant, " | ".join(repr(v) for v in wikitext.VARIANTS))
         require(tokenizer in ("gpt2", "char"), f"{p}.tokenizer", tokenizer, "'gpt2' | 'char'")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            require(isinstance(value, int) and value >= 1, f"{p}.{name}", value, "an integer >= 1")
-        eval_batch_size = eval_batch_size or batch_size
-        require(isinstance(eval_batch_size, int) and eval_batch_size >= 1, f"{p}.eval_batch_size", eval_batch_size,
-                "an integer >= 1 or null")
-        require(isinstance(num_workers, int) and num_workers >= 0, f"{p}.num_workers", num_workers, "an integer >= 0")
+        super().__init__(block_size, batch_size, eval_batch_size, num_workers, seed)
         if max_eval_tokens is not None:
             require(isinstance(max_eval_tokens, int) and max_eval_tokens >= 2, f"{p}.max_eval_tokens",
                     max_eval_tokens, "null or an integer >= 2")
         self.source, self.variant, self.tokenizer_name = source, variant, tokenizer
-        self.block_size, self.batch_size, self.eval_batch_size = block_size, batch_size, eval_batch_size
-        self.num_workers, self.seed, self.max_eval_tokens = num_workers, seed, max_eval_tokens
+        self.max_eval_tokens = max_eval_tokens
         self.data_dir = os.path.expanduser(data_dir) if data_dir else None
         self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else Path(tempfile.gettempdir()) / "attnlab-cache"
         self.tokenizer_dir = tokenizer_dir
@@ -213,10 +276,6 @@ class LMDataModule(L.LightningDataModule):
         return self.corpus
 
     @property
-    def vocab_size(self) -> int:
-        return self.prepare_corpus().vocab_size
-
-    @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer (loaded on demand; a cache hit does not need it)."""
         if self._tokenizer is None:
@@ -234,40 +293,13 @@ class LMDataModule(L.LightningDataModule):
             spec["alphabet"] = meta["alphabet"]
         return spec
 
-    # ------------------------------------------------------------------ Lightning hooks
-    def prepare_data(self) -> None:
-        self.prepare_corpus()
+    # ------------------------------------------------------------------ training and evaluation
+    def train_dataset(self, length: int) -> RandomWindows:
+        return RandomWindows(self.prepare_corpus().splits["train"], self.block_size, self.seed, length)
 
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_corpus()
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def train_samples(self) -> tuple[int, int]:
-        """``(first, end)`` global sample indices this fit still has to draw."""
-        corpus = self.prepare_corpus()
-        trainer = self.trainer
-        rank, world = self._rank_world()
-        per_step = self.batch_size * world * (trainer.accumulate_grad_batches if trainer is not None else 1)
-        if trainer is not None and trainer.max_steps > 0:
-            steps = trainer.max_steps
-        else:
-            steps = max(1, len(corpus.splits["train"]) // (self.block_size * self.batch_size * world))
-        done = trainer.global_step if trainer is not None else 0
-        return done * per_step, steps * per_step
-
-    def train_dataloader(self) -> DataLoader:
-        corpus = self.prepare_corpus()
-        first, end = self.train_samples()
-        rank, world = self._rank_world()
-        dataset = RandomWindows(corpus.splits["train"], self.block_size, self.seed, end)
-        sampler = ShardSampler(end, first, rank, world)
-        # a private generator keeps worker seeding from consuming the global RNG (exact resume)
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=True, generator=generator, persistent_workers=self.num_workers > 0)
+    def steps_per_pass(self, world_size: int) -> int:
+        tokens = len(self.prepare_corpus().splits["train"])
+        return max(1, tokens // (self.block_size * self.batch_size * world_size))
 
     def eval_dataset(self, split: str, block_size: int | None = None) -> ContiguousWindows:
         """Every target of ``split`` (up to ``max_eval_tokens`` tokens) once, in windows of
