@@ -268,9 +268,8 @@ def _set_flush_denormal(cfg: DictConfig) -> None:
 
     A confident softmax leaves probabilities and their gradients below float32's smallest normal
     number (1.2e-38), and every arithmetic operation on such a denormal takes microcode assists: a
-    512 x 512 matmul of denormals took 1.6 s instead of 9 ms on one core here, and training steps
-    slow down as a model grows confident. Threads inherit the mode when they are created, so this
-    runs before anything starts the intra-op thread pool."""
+    512 x 512 matmul of denormals took 1.6 s instead of 9 ms on one core here. Threads inherit the
+    mode when they are created, so this runs before anything starts the intra-op thread pool."""
     flush = cfg.get("flush_denormal", True)
     require(isinstance(flush, bool), "flush_denormal", flush, "true | false")
     if flush and not torch.set_flush_denormal(True):
