@@ -174,6 +174,27 @@ class SampledDataModule(L.LightningDataModule):
         done = trainer.global_step if trainer is not None else 0
         return done * per_step, steps * per_step
 
+    def eval_dataset(self, split: str, block_size: int) -> Dataset:
+        """What ``split`` is evaluated on, in ``(x, y)`` samples of ``block_size`` positions."""
+        raise NotImplementedError
+
+    def eval_dataloader(self, split: str, block_size: int) -> DataLoader:
+        """``(x, y)`` batches ``(B, block_size)`` of :meth:`eval_dataset`, this rank's share under
+        DDP. Batches hold about as many tokens as the validation batches at the training block
+        size (``eval_batch_size`` samples of ``block_size``, at least one), so longer windows come
+        in smaller batches."""
+        dataset = self.eval_dataset(split, block_size)
+        rank, world = self._rank_world()
+        batch_size = max(1, self.eval_batch_size * self.block_size // block_size)
+        return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), 0, rank, world),
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("validation", self.block_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test", self.block_size)
+
     def train_dataloader(self) -> DataLoader:
         first, end = self.train_samples()
         rank, world = self._rank_world()
@@ -309,22 +330,6 @@ class LMDataModule(SampledDataModule):
             tokens = tokens[:self.max_eval_tokens]
         return ContiguousWindows(tokens, block_size or self.block_size)
 
-    def eval_dataloader(self, split: str, block_size: int) -> DataLoader:
-        """``(x, y)`` batches ``(B, block_size)`` covering ``split`` once, ``IGNORE_INDEX`` targets
-        past its end; this rank's share under DDP. Batches hold about as many tokens as the
-        validation batches at the training block size (``eval_batch_size`` windows of
-        ``block_size``, at least one window), so longer windows come in smaller batches."""
-        dataset = self.eval_dataset(split, block_size)
-        rank, world = self._rank_world()
-        batch_size = max(1, self.eval_batch_size * self.block_size // block_size)
-        return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), 0, rank, world),
-                          num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("validation", self.block_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("test", self.block_size)
 
 
 def check_block_size(block_size: int, max_seq_len: int) -> None:

@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from attnlab.config import ConfigError, require
 from attnlab.loss import IGNORE_INDEX
 
-from .datamodule import SampledDataModule, ShardSampler, TokenizedCorpus
+from .datamodule import SampledDataModule, TokenizedCorpus
 from .tokenizers import Tokenizer
 
 FILLER = 0
@@ -214,21 +214,10 @@ class MQARDataModule(SampledDataModule):
         raise ConfigError("trainer.max_steps", -1, "an integer >= 1",
                           reason="data=mqar generates an endless training stream, so a pass has no length")
 
-    def eval_dataloader(self, split: str, block_size: int) -> DataLoader:
-        """The ``eval_sequences`` sequences of ``split`` at ``block_size`` positions: ``(x, y)``
-        batches ``(B, block_size)``, this rank's share under DDP. The same sequence ``i`` at a
-        longer length keeps its block and first queries and adds queries further from the block.
-        Batches hold about as many tokens as at the training block size (as for the text data)."""
+    def eval_dataset(self, split: str, block_size: int) -> MQARSequences:
+        """The ``eval_sequences`` sequences of ``split`` at ``block_size`` positions. The same
+        sequence ``i`` at a longer length keeps its block and first queries and adds queries
+        further from the block."""
         require(split in ("validation", "test"), "split", split, "'validation' | 'test'")
         self.task.check_length(block_size, "block_size")
-        dataset = self.sequences(split, block_size)
-        rank, world = self._rank_world()
-        batch_size = max(1, self.eval_batch_size * self.block_size // block_size)
-        return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), 0, rank, world),
-                          num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("validation", self.block_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("test", self.block_size)
+        return self.sequences(split, block_size)
