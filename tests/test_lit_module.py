@@ -1,20 +1,8 @@
-import math
-
 import pytest
 import torch
 
-from attnlab.config import OptimConfig
-from attnlab.lit_module import LitLM, lr_schedule
+from attnlab.lit_module import LitLM
 from tests.conftest import TINY_MODEL
-
-
-def test_warmup_then_cosine_to_min_ratio():
-    f = lr_schedule(OptimConfig(warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
-    assert all(f(s) >= f(s + 1) for s in range(10, 120))
 
 
 class _FakeTrainer:

@@ -65,6 +65,7 @@ from attnlab.profiling import (
     synchronize,
     time_calls,
 )
+from attnlab.recipe import build_optimizer, model_recipe, training_loss
 
 log = logging.getLogger("attnlab.bench")
 
@@ -349,24 +350,18 @@ def bench_model_config(model_values: dict[str, Any], needed_len: int) -> ModelCo
 
 def build_model(model: ModelConfig, attention: Any, device: torch.device) -> GPT:
     """A GPT with ``attention`` everywhere (or ``model.layer_attention``), matched in parameters
-    when ``model.match_params`` is set (as train.py does)."""
-    specs = resolve_layer_attention(attention, model)
-    if model.match_params is not None:
-        from attnlab.train import match_parameters
-
-        matching = match_parameters(model, specs, model.match_params)
-        model = dataclasses.replace(model, d_ff=matching["d_ff"])
-        specs = resolve_layer_attention(attention, model)
-    return GPT(model, specs).to(device)
+    when ``model.match_params`` is set, as train.py builds it."""
+    return model_recipe(model, attention).build().to(device)
 
 
 # ----------------------------------------------------------------------------------- measurements
 
 
-def measure_training(model: GPT, optimizer: torch.optim.Optimizer, seq_len: int, batch_size: int,
-                     settings: BenchSettings, device: torch.device, precision: str, compiled: bool,
+def measure_training(model: GPT, optimizer: torch.optim.Optimizer, grad_clip: float | None, seq_len: int,
+                     batch_size: int, settings: BenchSettings, device: torch.device, precision: str, compiled: bool,
                      peak_gflops: float | None) -> dict[str, Any]:
-    """Tokens/s of full training steps, then (untimed) their peak memory and FLOPs."""
+    """Tokens/s of full training steps as train.py takes them (the loss with the aux losses,
+    gradient clipping at ``grad_clip``, the run's AdamW), then (untimed) their peak memory and FLOPs."""
     entry = dict.fromkeys(TRAIN_FIELDS)
     entry.update(seq_len=seq_len, batch_size=batch_size, tokens_per_step=seq_len * batch_size)
     model.train()
@@ -376,9 +371,10 @@ def measure_training(model: GPT, optimizer: torch.optim.Optimizer, seq_len: int,
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, precision):
-            out = model(x, y)
-            loss = out.loss + sum(out.aux_losses.values()) if out.aux_losses else out.loss
+            loss = training_loss(model(x, y))
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
 
     seconds = time_calls(step, warmup_steps(settings, compiled), settings.repeats, device)
@@ -568,9 +564,7 @@ def bench_mechanism(label: str, attention: Any, model_values: dict[str, Any], op
         result["params"] = model.parameter_counts()
         if settings.compile:
             model.compile()
-        fused = fused_adamw_available(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                      weight_decay=optim.weight_decay, fused=fused)
+        optimizer = build_optimizer(model, optim, device)
     except Exception as exc:
         error = _describe(exc)
         log.warning("%s: could not build the model: %s", label, error)
@@ -589,8 +583,8 @@ def bench_mechanism(label: str, attention: Any, model_values: dict[str, Any], op
         advance(f"{label}: training step, T={L}")
         known = {"seq_len": L, "batch_size": batch_sizes[L], "tokens_per_step": L * batch_sizes[L]}
         result["train"].append(_attempt(TRAIN_FIELDS, known, device, partial(
-            measure_training, model, optimizer, L, batch_sizes[L], settings, device, precision, settings.compile,
-            peak_gflops)))
+            measure_training, model, optimizer, optim.grad_clip, L, batch_sizes[L], settings, device, precision,
+            settings.compile, peak_gflops)))
     del optimizer  # decoding needs no optimizer state or gradients
     model.zero_grad(set_to_none=True)
     for L in decode_lengths:

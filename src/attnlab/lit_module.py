@@ -3,6 +3,7 @@ position), divergence detection, AdamW with cosine warmup."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -16,10 +17,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import LambdaLR
 
 from attnlab.attention import resolve_layer_attention
-from attnlab.config import ModelConfig, OptimConfig, from_dict, to_container
+from attnlab.config import ModelConfig, OptimConfig, from_dict, require, to_container
 from attnlab.evaluation import TokenMetrics, perplexity
 from attnlab.loss import IGNORE_INDEX
-from attnlab.model import GPT
+from attnlab.recipe import ModelRecipe, build_optimizer, lr_schedule, training_loss
 
 #: Optimizer steps between two reads of the divergence record. A read waits for the device, so it
 #: is not done every step; it is also done before every validation and checkpoint.
@@ -53,10 +54,14 @@ class LitLM(L.LightningModule):
     """A GPT trained on next-token prediction.
 
     Args:
-        model: the ``model`` config group (see :class:`attnlab.config.ModelConfig`), with ``vocab_size`` set.
+        model: a validated :class:`~attnlab.recipe.ModelRecipe` (``attention`` then None), or the
+            ``model`` config group (see :class:`attnlab.config.ModelConfig`), ``vocab_size`` set.
         attention: the ``attention`` config group (a mapping with ``name``, or a preset name).
-        optim: the ``optim`` config group (see :class:`attnlab.config.OptimConfig`).
+        optim: an :class:`attnlab.config.OptimConfig` or the ``optim`` config group.
         compile: compile the model's forward with ``torch.compile``.
+
+    The hyperparameters saved in checkpoints are the config groups (plain data), so
+    ``LitLM.load_from_checkpoint`` rebuilds the same model without parameter matching again.
 
     Evaluation (validation, test, and validation at other window lengths while ``eval_length`` is
     set) sums each token's loss and correctness by position bucket (:class:`TokenMetrics`) and
@@ -66,14 +71,22 @@ class LitLM(L.LightningModule):
     evaluation while fitting becomes a no-op (nothing is computed on diverged weights).
     """
 
-    def __init__(self, model: Mapping[str, Any], attention: Any, optim: Mapping[str, Any] | None = None,
-                 compile: bool = False):
+    def __init__(self, model: ModelRecipe | Mapping[str, Any], attention: Any = None,
+                 optim: OptimConfig | Mapping[str, Any] | None = None, compile: bool = False):
         super().__init__()
-        model, attention, optim = to_container(model), to_container(attention), to_container(optim or {})
-        self.save_hyperparameters({"model": model, "attention": attention, "optim": optim, "compile": compile})
-        self.model_cfg = from_dict(ModelConfig, model, "model")
-        self.optim_cfg = from_dict(OptimConfig, optim, "optim")
-        self.model = GPT(self.model_cfg, resolve_layer_attention(attention, self.model_cfg))
+        if isinstance(model, ModelRecipe):  # validated at start-up (train.py): nothing is parsed again
+            require(attention is None, "attention", attention, "None when model is a ModelRecipe (it holds the attention)")
+            recipe = model
+        else:  # the config groups, as a checkpoint's hyperparameters give them (d_ff already matched)
+            model_cfg = from_dict(ModelConfig, to_container(model), "model")
+            recipe = ModelRecipe(model_cfg, resolve_layer_attention(to_container(attention), model_cfg))
+        if not isinstance(optim, OptimConfig):
+            optim = from_dict(OptimConfig, to_container(optim or {}), "optim")
+        self.save_hyperparameters({"model": dataclasses.asdict(recipe.model), "attention": recipe.attention_config(),
+                                   "optim": dataclasses.asdict(optim), "compile": compile})
+        self.model_cfg = recipe.model
+        self.optim_cfg = optim
+        self.model = recipe.build()
         if compile:
             self.model.compile()
         self.val_metrics = TokenMetrics()
@@ -110,9 +123,7 @@ class LitLM(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         out = self.model(x, y, record_stats=self.record_stats, step=self.global_step)
-        loss = out.loss
-        if out.aux_losses:
-            loss = loss + sum(out.aux_losses.values())
+        loss = training_loss(out)
         if self._logging_step():
             self.log("train/loss", out.loss, prog_bar=True)
             if out.aux_losses:
@@ -270,21 +281,9 @@ class LitLM(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        embedding_params = {id(p) for m in self.model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # matrices decay; norms, biases, gates and embeddings do not
-            (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = cfg.fused
-        if fused is None:
-            fused = self.device.type in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+        optimizer = build_optimizer(self.model, self.optim_cfg, self.device)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        scheduler = LambdaLR(optimizer, lr_schedule(cfg, total))
+        scheduler = LambdaLR(optimizer, lr_schedule(self.optim_cfg, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -313,17 +312,3 @@ class LitLM(L.LightningModule):
         self.val_curve = list(extra.get("val_curve", []))
         self.train_curve = list(extra.get("train_curve", []))
 
-
-def lr_schedule(cfg: OptimConfig, total_steps: int):
-    """Multiplier of ``cfg.lr`` at optimizer step ``s``: linear warmup, then cosine to ``min_lr_ratio``."""
-    warmup = cfg.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor

@@ -8,7 +8,6 @@ checkpoints stay, and the test split is evaluated on the best finite checkpoint 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -22,11 +21,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from attnlab.attention import AttentionSpec, resolve_layer_attention
-from attnlab.config import (ConfigError, EvalConfig, ModelConfig, OptimConfig, from_dict, import_modules, require,
-                            to_container)
+from attnlab.config import ConfigError, EvalConfig, OptimConfig, from_dict, import_modules, require, to_container
 from attnlab.evaluation import perplexity
 from attnlab.io import read_json, write_json
+from attnlab.recipe import ModelRecipe, model_recipe
 
 log = logging.getLogger("attnlab")
 
@@ -38,13 +36,11 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 class RunSetup:
     """Everything validated at start-up, before any data is loaded."""
 
-    model: ModelConfig
-    attention: list[AttentionSpec]
+    model: ModelRecipe
     optim: OptimConfig
     evaluation: EvalConfig
     datamodule: Any
     output_dir: Path
-    param_matching: dict[str, Any] | None = None
 
 
 def validate(cfg: DictConfig) -> RunSetup:
@@ -67,22 +63,17 @@ def validate(cfg: DictConfig) -> RunSetup:
     max_steps = cfg.trainer.get("max_steps", -1)
     require(isinstance(max_steps, int) and (max_steps >= 1 or max_steps == -1), "trainer.max_steps", max_steps,
             "an integer >= 1 (or -1 for one pass over the training split)")
-    model = from_dict(ModelConfig, to_container(cfg.model), "model")
-    attention = resolve_layer_attention(to_container(cfg.attention), model)
-    matching = None
-    if model.match_params is not None:
-        matching = match_parameters(model, attention, model.match_params)
-        model = dataclasses.replace(model, d_ff=matching["d_ff"])
+    model = model_recipe(to_container(cfg.model), to_container(cfg.attention))
     optim = from_dict(OptimConfig, to_container(cfg.optim), "optim")
     evaluation = from_dict(EvalConfig, to_container(cfg.get("eval") or {}), "eval")
     datamodule = instantiate(cfg.data, _convert_="all")
-    check_block_size(datamodule.block_size, model.max_seq_len)
+    check_block_size(datamodule.block_size, model.model.max_seq_len)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         problem = checkpoint_problem(ckpt_path)
         require(problem is None, "ckpt_path", ckpt_path,
                 "null or a checkpoint written by train.py, e.g. <run dir>/checkpoints/last.ckpt", reason=problem)
-    return RunSetup(model, attention, optim, evaluation, datamodule, Path(cfg.paths.output_dir), matching)
+    return RunSetup(model, optim, evaluation, datamodule, Path(cfg.paths.output_dir))
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -119,13 +110,13 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     datamodule = setup.datamodule
     corpus = datamodule.prepare_corpus()
-    model_values = dataclasses.asdict(setup.model)
-    if model_values.get("vocab_size") is None:
-        model_values["vocab_size"] = corpus.vocab_size
-    elif model_values["vocab_size"] < corpus.vocab_size:
-        raise ConfigError("model.vocab_size", model_values["vocab_size"],
+    recipe = setup.model
+    if recipe.model.vocab_size is None:
+        recipe = recipe.with_model(vocab_size=corpus.vocab_size)
+    elif recipe.model.vocab_size < corpus.vocab_size:
+        raise ConfigError("model.vocab_size", recipe.model.vocab_size,
                           f"null or >= the tokenizer's {corpus.vocab_size} ids")
-    module = LitLM(model_values, to_container(cfg.attention), to_container(cfg.optim), compile=cfg.compile)
+    module = LitLM(recipe, optim=setup.optim, compile=cfg.compile)
     module.eval_max_batch_tokens = setup.evaluation.max_batch_tokens
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -220,7 +211,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         "eval_lengths": eval_lengths,
         "train_tokens_per_sec": tokens_per_second * world if tokens_per_second else None,
         "params": params,
-        "param_matching": setup.param_matching,
+        "param_matching": recipe.param_matching,
         "kv_cache_bytes_per_token": module.model.cache_bytes(1, module.model_cfg.max_seq_len, torch.float32)
         / module.model_cfg.max_seq_len,
         "wall_time_s": time.time() - started,
@@ -238,29 +229,6 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
             log.info("final validation loss %s, test loss %s, %s tokens/s", final_loss, metrics["test_loss"],
                      metrics["train_tokens_per_sec"])
     return metrics
-
-
-def match_parameters(model: ModelConfig, attention: list[AttentionSpec], reference: str) -> dict[str, Any]:
-    """The ``d_ff`` that brings this model's non-embedding parameters closest to those of the same
-    model with the ``reference`` mechanism (a preset or registered name) at the configured ``d_ff``.
-
-    Embeddings are left out: at GPT-2's vocabulary they dominate the total and would make any two
-    mechanisms "match". Parameters are linear in ``d_ff``, so two probes give the exact solution."""
-    from attnlab.model import GPT
-
-    def count(cfg: ModelConfig, specs: list[AttentionSpec]) -> int:
-        # a two-token vocabulary: embeddings are not counted and the model is cheap to build
-        return GPT(dataclasses.replace(cfg, vocab_size=2, match_params=None), specs).parameter_counts()["non_embedding"]
-
-    reference_cfg = dataclasses.replace(model, layer_attention=None)
-    target = count(reference_cfg, resolve_layer_attention(reference, reference_cfg))
-    at_1 = count(dataclasses.replace(model, d_ff=1), attention)
-    at_2 = count(dataclasses.replace(model, d_ff=2), attention)
-    per_unit = at_2 - at_1
-    d_ff = max(1, round(1 + (target - at_1) / per_unit))
-    params = at_1 + (d_ff - 1) * per_unit
-    return {"reference": reference, "reference_params": target, "d_ff": d_ff, "params": params,
-            "relative_diff": (params - target) / target}
 
 
 def _set_flush_denormal(cfg: DictConfig) -> None:

@@ -97,7 +97,14 @@ class StaticMoASConfig(AttentionConfig):
     branches: list = dataclasses.field(default_factory=default_branches)
 
     def validate(self, model: ModelConfig, field: str) -> None:
-        resolve_branches(self.branches, model, field)
+        self.branch_specs(model, field)
+
+    def branch_specs(self, model: ModelConfig, field: str = "attention") -> list[AttentionSpec]:
+        """The branches as validated specs, resolved once (by validation) and reused by every layer."""
+        resolved = self.__dict__.get("_branch_specs")  # not a dataclass field: never in the saved config
+        if resolved is None:
+            resolved = self.__dict__["_branch_specs"] = resolve_branches(self.branches, model, field)
+        return resolved
 
 
 @dataclass
@@ -160,8 +167,7 @@ class StaticMixtureOfAttentionSchemes(Attention):
 
     def __init__(self, cfg: StaticMoASConfig, model: ModelConfig, layer_idx: int):
         super().__init__(cfg, model, layer_idx)
-        specs = resolve_branches(cfg.branches, model, "attention")
-        self.branches = nn.ModuleList(spec.build(model, layer_idx) for spec in specs)
+        self.branches = nn.ModuleList(spec.build(model, layer_idx) for spec in cfg.branch_specs(model))
         self.branch_names: list[str] = branch_names(cfg.branches)
         # statistics of branch i are stored under "<layer>/branch<i>_<name>/..."
         self.branch_scopes = [f"branch{i}_{name}" for i, name in enumerate(self.branch_names)]

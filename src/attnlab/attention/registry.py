@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,10 @@ class AttentionSpec:
 
     def build(self, model: ModelConfig, layer_idx: int) -> Attention:
         return self.registration.cls(self.config, model, layer_idx)
+
+    def to_config(self) -> dict[str, Any]:
+        """The mapping that resolves to this spec again (a checkpoint's ``attention`` hyperparameter)."""
+        return {**dataclasses.asdict(self.config), "name": self.name}
 
 
 def resolve_attention(spec: str | Mapping[str, Any], model: ModelConfig, field: str = "attention") -> AttentionSpec:
