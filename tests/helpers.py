@@ -46,3 +46,48 @@ class StopAtStep:
                     trainer.should_stop = True
 
         return _StopAtStep()
+
+
+class RecordTraining:
+    """A Lightning callback that records, under ``name`` in :attr:`records`, the input ids of
+    every optimizer step's batch (by step number) and the optimizer's state when fitting starts
+    (after a checkpoint was restored): what an exact resume must reproduce."""
+
+    records: dict[str, dict] = {}
+
+    def __new__(cls, name: str):
+        import copy
+
+        from lightning.pytorch.callbacks import Callback
+
+        record = cls.records[name] = {"batches": {}, "optimizer_at_start": None}
+
+        class _RecordTraining(Callback):
+            def on_train_start(self, trainer, pl_module):
+                record["optimizer_at_start"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                record["batches"][trainer.global_step + 1] = batch[0].clone()
+
+        return _RecordTraining()
+
+
+def train_config(overrides: list[str], output_dir, cache_dir=None):
+    """The composed ``train`` config of a single run (Hydra's compose API, in-process), writing to
+    ``output_dir``: what ``python train.py <overrides>`` would run, for :func:`attnlab.train.run_job`."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from attnlab.paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a run
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir or Path(output_dir).parent / "cache")
+        del cfg.hydra  # a single run, not a job of a sweep
+    return cfg

@@ -22,6 +22,7 @@ def logged_keys(run_dir) -> set[str]:
     return {k for row in rows for k, v in row.items() if v not in ("", None)}
 
 
+@pytest.mark.slow
 def test_moas_statistics_reach_csv_and_wandb_and_routing_analysis_is_written(tmp_path):
     run_train([*RUN, "attention=moas", "logger=many"], tmp_path)
     run = tmp_path / "run"
@@ -46,6 +47,7 @@ def test_moas_statistics_reach_csv_and_wandb_and_routing_analysis_is_written(tmp
     assert "| bucket |" in (run / "routing_analysis.md").read_text()
 
 
+@pytest.mark.slow
 def test_moh_statistics(tmp_path):
     run_train([*RUN, "attention=moh", "logger=csv"], tmp_path)
     keys = logged_keys(tmp_path / "run")
@@ -58,6 +60,7 @@ def test_moh_statistics(tmp_path):
     assert sum(analysis["layers"]["layer0/head_active"]["mean_gate"].values()) == pytest.approx(4.0)
 
 
+@pytest.mark.slow
 def test_no_statistics_for_unrouted_mechanisms(tmp_path):
     run_train([*RUN, "attention=gqa", "logger=csv"], tmp_path)
     assert not any(k.startswith("router/") for k in logged_keys(tmp_path / "run"))

@@ -160,6 +160,7 @@ def test_sliding_window_takes_flex_attention_and_matches_the_cpu_band(n_kv_heads
     assert _relative_error(got_bf16.float(), want) < 2e-2
 
 
+@pytest.mark.slow
 def test_train_py_on_the_gpu_in_bf16(tmp_path):
     run_train(["experiment=smoke", "trainer=gpu", "trainer.max_steps=20", "trainer.val_check_interval=10",
                "data.max_eval_tokens=1024", "logger=csv", "attention=moh"], tmp_path)

@@ -42,6 +42,7 @@ def sample_run(overrides: list[str]) -> tuple[dict, str, str]:
     return result, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True])
 def test_greedy_sampling_equals_eager_generate(trained_run, compile):
     """Greedy tokens through the cached path (compiled with compile=true) equal model.generate
@@ -61,6 +62,7 @@ def test_greedy_sampling_equals_eager_generate(trained_run, compile):
     assert "30 tokens" in err and "tokens/s" in err
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_stays_in_top_k(trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     args = [f"ckpt_path={ckpt}", "prompt=a", "max_new_tokens=20", "temperature=1.0", "top_k=1"]
@@ -70,6 +72,7 @@ def test_sampling_is_seeded_and_stays_in_top_k(trained_run):
     assert sample_run([*args, "seed=3"])[0]["new_ids"] == sample_run([*args, "seed=3"])[0]["new_ids"]
 
 
+@pytest.mark.slow
 def test_checkpoints_without_a_tokenizer_record_use_the_run_config(trained_run, tmp_path):
     """Checkpoints written before the record: the run directory's config.json rebuilds the tokenizer."""
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
@@ -92,6 +95,7 @@ def error_line(overrides: list[str], capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_stops_with_one_line(trained_run, tmp_path, capsys):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     assert error_line([f"ckpt_path={tmp_path / 'missing.ckpt'}", "prompt=a"], capsys).startswith(
@@ -119,6 +123,7 @@ def test_bad_input_stops_with_one_line(trained_run, tmp_path, capsys):
     assert "records no tokenizer and there is no run config" in error_line([f"ckpt_path={orphan}", "prompt=a"], capsys)
 
 
+@pytest.mark.slow
 def test_the_command_exits_with_status_2_on_bad_input(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "scripts/sample.py", f"ckpt_path={tmp_path / 'none.ckpt'}", "prompt=hi"],

@@ -49,6 +49,7 @@ def test_multirun_report_with_a_failing_job_and_resume(tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
 
 
+@pytest.mark.slow
 def test_resume_sweep_continues_a_killed_job_from_its_checkpoint(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "experiment=smoke", "attention=mqa", "trainer.max_steps=6", "trainer.val_check_interval=3",
@@ -63,6 +64,7 @@ def test_resume_sweep_continues_a_killed_job_from_its_checkpoint(tmp_path):
     assert metrics["status"] == "completed" and metrics["steps"] == 6
 
 
+@pytest.mark.slow
 def test_parameter_matching_through_train(tmp_path):
     run_train(["experiment=smoke", "attention=identity", "model.match_params=mha", "trainer.max_steps=2",
                "trainer.val_check_interval=2", "data.max_eval_tokens=256", "logger=none", "callbacks=none"], tmp_path)
@@ -72,6 +74,7 @@ def test_parameter_matching_through_train(tmp_path):
     assert metrics["params"]["non_embedding"] == matching["params"]
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_two_trials(tmp_path):
     sweep = tmp_path / "optuna"
     run_train(["hparams_search=lr", "experiment=smoke", "hydra.sweeper.n_trials=2", "trainer.max_steps=3",

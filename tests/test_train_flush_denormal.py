@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 SCRIPT = """
@@ -32,6 +34,7 @@ def surviving_denormals(pool_first: bool) -> int:
     return int(proc.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_flush_denormal_reaches_every_thread_when_set_first():
     assert surviving_denormals(pool_first=False) == 0
     # set after the pool exists, the worker thread keeps computing denormals

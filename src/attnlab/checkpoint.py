@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from attnlab.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +42,9 @@ def nonfinite_entries(state_dict: Mapping[str, Any]) -> list[str]:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then rename it over ``path``:
-    a crash at any moment leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
+    """``torch.save`` to ``path`` atomically and durably (:func:`attnlab.io.atomic_write`): a crash
+    at any moment leaves either the old file or the new one, never a torn one."""
+    atomic_write(path, lambda handle: torch.save(obj, handle), durable=True)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from attnlab import resolvers
+from attnlab.errors import one_line_errors
 from attnlab.paths import CONF_DIR
 
 resolvers.register()
@@ -36,7 +37,8 @@ def hydra_command(config_name: str, target: str) -> Callable[[], Any]:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def command(cfg: DictConfig) -> Any:
-        return getattr(importlib.import_module(module_name), function_name)(cfg)
+        with one_line_errors():  # bad input: one line and exit status 2 (attnlab.errors)
+            return getattr(importlib.import_module(module_name), function_name)(cfg)
 
     return command
 
@@ -77,7 +79,8 @@ def report(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     wandb = {"project": args.wandb_project, "group": args.wandb_group} if args.wandb else None
-    result = write_report(args.sources, args.out, reference=args.reference, wandb=wandb)
+    with one_line_errors():
+        result = write_report(args.sources, args.out, reference=args.reference, wandb=wandb)
     reference = result.summary["reference"]
     for rank, label in enumerate(result.summary["ranking"], 1):
         g = result.configurations[label]

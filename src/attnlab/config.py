@@ -16,8 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+from attnlab.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """An invalid configuration value: ``<field>=<value>: <reason>; allowed: <allowed>``."""
 
     def __init__(self, field: str, value: Any, allowed: str, reason: str | None = None):

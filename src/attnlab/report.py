@@ -36,6 +36,7 @@ from typing import Any
 
 from attnlab import stats
 from attnlab.config import require
+from attnlab.errors import MissingInputError
 from attnlab.io import atomic_write_text, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def find_jobs(roots: list[Path]) -> list[Job]:
     for root in roots:
         root = Path(root)
         if not root.exists():
-            raise FileNotFoundError(f"no such sweep directory: {root}")
+            raise MissingInputError(f"no such sweep directory: {root}")
         for marker in ("metrics.json", ".hydra"):
             dirs.update(p.parent for p in root.rglob(marker))
     jobs = []

@@ -31,10 +31,11 @@ import torch
 
 from attnlab.config import ConfigError, ModelConfig, from_dict, require, to_container
 from attnlab.data.tokenizers import StreamDecoder, Tokenizer, TokenizerError, tokenizer_from_spec
+from attnlab.errors import InputError, one_line_errors
 from attnlab.model import GPT
 
 
-class SampleError(Exception):
+class SampleError(InputError):
     """Input the sampler cannot work with; its message is the one line the command prints."""
 
 
@@ -202,8 +203,5 @@ def sample(cfg: Any, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> di
 def run(cfg: Any) -> None:
     """The command (the Hydra target of ``attnlab-sample``): :func:`sample` to stdout and stderr;
     bad input ends it with one ``error: ...`` line on stderr and exit status 2, no traceback."""
-    try:
+    with one_line_errors():
         sample(cfg, sys.stdout, sys.stderr)  # the streams of now (a test's capture), not of import time
-    except (ConfigError, SampleError, TokenizerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from attnlab.config import ConfigError, EvalConfig, OptimConfig, from_dict, import_modules, require, to_container
+from attnlab.errors import InputError
 from attnlab.evaluation import perplexity
 from attnlab.io import read_json, write_json
 from attnlab.recipe import ModelRecipe, model_recipe
@@ -45,8 +46,6 @@ class RunSetup:
 
 def validate(cfg: DictConfig) -> RunSetup:
     """Check the whole composed config; raise :class:`ConfigError` naming the first bad field."""
-    from hydra.utils import instantiate
-
     from attnlab.checkpoint import checkpoint_problem
     from attnlab.data.datamodule import check_block_size
 
@@ -66,7 +65,7 @@ def validate(cfg: DictConfig) -> RunSetup:
     model = model_recipe(to_container(cfg.model), to_container(cfg.attention))
     optim = from_dict(OptimConfig, to_container(cfg.optim), "optim")
     evaluation = from_dict(EvalConfig, to_container(cfg.get("eval") or {}), "eval")
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate_node(cfg.data)
     check_block_size(datamodule.block_size, model.model.max_seq_len)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
@@ -76,12 +75,25 @@ def validate(cfg: DictConfig) -> RunSetup:
     return RunSetup(model, optim, evaluation, datamodule, Path(cfg.paths.output_dir))
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
+def instantiate_node(node: DictConfig) -> Any:
+    """``hydra.utils.instantiate`` that lets bad input through as itself: Hydra wraps what a
+    target raises in an ``InstantiationException``, which would turn a one-line
+    :class:`~attnlab.errors.InputError` (a data option, say) into a traceback."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as error:
+        if isinstance(error.__cause__, InputError):
+            raise error.__cause__ from None
+        raise
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
-    return [instantiate(node, _convert_="all") for node in group.values() if node is not None and "_target_" in node]
+    return [instantiate_node(node) for node in group.values() if node is not None and "_target_" in node]
 
 
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attnlab.config import ConfigError, require
+from attnlab.io import atomic_write_dir
 from attnlab.loss import IGNORE_INDEX
 
 from . import synthetic, wikitext
@@ -97,22 +97,6 @@ class TokenizedCorpus:
     tokenizer_name: str
     cache_path: Path | None
     meta: dict
-
-
-def _atomic_write_dir(target: Path, write) -> None:
-    """Fill a temporary sibling directory, then rename it into place (first writer wins)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "meta.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class SampledDataModule(L.LightningDataModule):
@@ -290,7 +274,7 @@ class LMDataModule(SampledDataModule):
                     np.save(tmp / f"{split}.npy", ids)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
-            _atomic_write_dir(path, write)
+            atomic_write_dir(path, write, marker="meta.json")
         meta = json.loads((path / "meta.json").read_text())
         splits = {s: np.load(path / f"{s}.npy", mmap_mode="r") for s in SPLITS}
         self.corpus = TokenizedCorpus(splits, meta["vocab_size"], meta["tokenizer"], path, meta)

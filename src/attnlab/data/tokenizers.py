@@ -23,14 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from attnlab.errors import InputError
+from attnlab.io import atomic_write
+
 # tiktoken's download URL for the GPT-2 ranks; its cache file is named by the URL's SHA-1.
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 GPT2_RANKS_FILENAME = "gpt2.tiktoken"
 TOKENIZER_NAMES = ("gpt2", "char")
 
 
-class TokenizerError(RuntimeError):
-    pass
+class TokenizerError(InputError, RuntimeError):
+    """The tokenizer cannot be built from what was given (a name, a checkpoint's record, local files)."""
 
 
 class Tokenizer:
@@ -192,9 +195,8 @@ def load_gpt2(search_dirs: Iterable[str | Path | None] = (), cache_dir: str | Pa
     cache.mkdir(parents=True, exist_ok=True)
     cached = cache / hashlib.sha1(R50K_URL.encode()).hexdigest()
     if not cached.exists() or cached.stat().st_size != ranks.stat().st_size:
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        shutil.copyfile(ranks, tmp)
-        os.replace(tmp, cached)
+        with ranks.open("rb") as source:
+            atomic_write(cached, lambda handle: shutil.copyfileobj(source, handle))
     previous = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     try:

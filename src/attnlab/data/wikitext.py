@@ -14,6 +14,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnlab.errors import MissingInputError
+
 HUB_DATASET = "Salesforce/wikitext"
 SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
 
@@ -31,8 +33,8 @@ VARIANTS = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
-    pass
+class DataNotFoundError(MissingInputError):
+    """The dataset is neither in ``paths.data_dir`` nor reachable; the message says what to set."""
 
 
 def local_split_files(variant: str, data_dir: str | Path | None) -> dict[str, Path] | None:
