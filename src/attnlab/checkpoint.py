@@ -107,7 +107,10 @@ class FiniteModelCheckpoint(ModelCheckpoint):
     @staticmethod
     def _may_save(pl_module: Any, read_record: bool = True) -> bool:
         """``read_record``: read the module's divergence record (a collective under DDP, so not
-        on an exception, when the other ranks may be elsewhere)."""
+        on an exception, when the other ranks may be elsewhere). A debug run (``fast_dev_run``)
+        saves nothing, as Lightning documents (its ``on_train_end`` would still write last.ckpt)."""
+        if getattr(getattr(pl_module, "_trainer", None), "fast_dev_run", False):
+            return False
         check = getattr(pl_module, "check_divergence", None)
         if read_record and callable(check):
             check()
