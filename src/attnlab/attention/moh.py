@@ -56,9 +56,8 @@ n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of 
 
 With 4 KV heads of 2 query heads, a token's 2 inactive routed heads share a group 1 time in 5;
 otherwise they leave two groups with one active head each, so the saving is the per-head share
-of a group's cost (its K/V is read either way): on 2 CPU cores about 15% of the attention time,
-about even with the extra kernel calls and the routing at 16k cached tokens, 1.07-1.26x faster
-decoding than ``routing=all`` at 32k-64k (README, "Decoding at long context").
+of a group's cost (its K/V is read either way); measured speeds in the README ("Decoding at
+long context").
 
 Router init: one bias-free ``nn.Linear`` holding ``[W_r; W_s; W_h]``, initialised by the model's
 GPT-2 init, N(0, 0.02): small logits give near-uniform routing (every active head starts with
