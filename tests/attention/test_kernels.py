@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.attention.kernels import (plain_kernels, plain_kernels_only, plan_sdpa, selected_attention_kernel,
-                                       use_flex_attention)
+from attnlab.attention.kernels import (
+    plain_kernels,
+    plain_kernels_only,
+    plan_sdpa,
+    selected_attention_kernel,
+    use_flex_attention,
+)
 
 
 def plan(device: str, n_heads: int, n_kv_heads: int, q_len: int, dtype=torch.float32, mask_shape=None,

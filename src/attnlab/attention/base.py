@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from attnlab.config import ModelConfig
 from attnlab.layers import mark_residual_projection  # noqa: F401 - re-exported for mechanisms
 
-from .kernels import plain_kernels, plain_kernels_only  # noqa: F401 - re-exported (profiling, extensions)
-from .kernels import plan_sdpa, sdpa_backends
+# plain_kernels, plain_kernels_only: re-exported, profiling and extensions import them from here
+from .kernels import plain_kernels, plain_kernels_only, plan_sdpa, sdpa_backends  # noqa: F401
 
 if TYPE_CHECKING:
     from attnlab.layers import RotaryEmbedding
