@@ -222,8 +222,8 @@ def test_router_parameters_are_one_row_per_router_output():
 @pytest.mark.parametrize("routing", ["router", "static", "all"])
 @pytest.mark.parametrize("batch_size,skip_heads_from", [(1, 0), (1, 16384), (3, 0)])
 def test_cached_decoding_equals_full_forward(routing, batch_size, skip_heads_from):
-    """One sequence takes the single-token path (host routing; active heads only from
-    ``skip_heads_from`` cached tokens), a batch the group path."""
+    """One sequence computes only its active heads from ``skip_heads_from`` cached tokens on;
+    below, and for a batch, the KV groups its tokens need."""
     attn = build(routing, skip_heads_from=skip_heads_from)
     if attn.router is not None:
         sharpen_router(attn)
