@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from attnlab.attention import AttentionContext, resolve_attention
+from attnlab.attention import _moh_decode
 from attnlab.attention import moh as moh_module
-from attnlab.attention.moh import MixtureOfHeadsAttention, contiguous_runs, strided_slices
+from attnlab.attention._moh_decode import contiguous_runs, plan_head_calls, strided_slices
+from attnlab.attention.moh import MixtureOfHeadsAttention
 from attnlab.config import ConfigError, ModelConfig
 from attnlab.layers import RotaryEmbedding
 from attnlab.lit_module import LitLM
@@ -220,8 +222,8 @@ def test_router_parameters_are_one_row_per_router_output():
 @pytest.mark.parametrize("routing", ["router", "static", "all"])
 @pytest.mark.parametrize("batch_size,skip_heads_from", [(1, 0), (1, 16384), (3, 0)])
 def test_cached_decoding_equals_full_forward(routing, batch_size, skip_heads_from):
-    """One sequence takes the single-token path (host routing; active heads only from
-    ``skip_heads_from`` cached tokens), a batch the group path."""
+    """One sequence computes only its active heads from ``skip_heads_from`` cached tokens on;
+    below, and for a batch, the KV groups its tokens need."""
     attn = build(routing, skip_heads_from=skip_heads_from)
     if attn.router is not None:
         sharpen_router(attn)
@@ -291,8 +293,8 @@ def spy_on_kernel_calls(cache, monkeypatch) -> list[tuple[int, list[int]]]:
     calls: list[tuple[int, list[int]]] = []
     head_stride = cache.k.stride(1)
 
-    def spy_on(name):
-        original = getattr(moh_module, name)
+    def spy_on(module, name):
+        original = getattr(module, name)
 
         def spy(q, k, v, *args, **kwargs):
             first = (k.data_ptr() - cache.k.data_ptr()) // (k.element_size() * head_stride)
@@ -300,11 +302,16 @@ def spy_on_kernel_calls(cache, monkeypatch) -> list[tuple[int, list[int]]]:
             calls.append((q.shape[1], [first + i * step for i in range(k.shape[1])]))
             return original(q, k, v, *args, **kwargs)
 
-        monkeypatch.setattr(moh_module, name, spy)
+        monkeypatch.setattr(module, name, spy)
 
-    spy_on("sdpa")
-    spy_on("sdpa_causal")
+    spy_on(moh_module, "sdpa_causal")  # the KV-group path
+    spy_on(_moh_decode, "sdpa")  # the active-head path
     return calls
+
+
+def active_heads(attn, x) -> list[int]:
+    """The query heads the single-sequence path computes for the token ``x`` ``(1, 1, C)``."""
+    return attn.head_gates(x, AttentionContext(None))[1].view(-1).nonzero().flatten().tolist()
 
 
 def decode_eleventh_token(attn, routed_logits, monkeypatch):
@@ -344,7 +351,7 @@ def test_single_sequence_decoding_computes_exactly_the_active_heads(routed_logit
     assert sum(n_heads for n_heads, _ in calls) == len(expected_heads)
     groups_read = [g for _, groups in calls for g in groups]
     assert sorted(groups_read) == sorted({h // attn.group_size for h in expected_heads})
-    assert attn.route_one_token(x[:, 10:])[1] == expected_heads
+    assert active_heads(attn, x[:, 10:]) == expected_heads
 
 
 @pytest.mark.parametrize("skip_heads_from,computed_heads", [(11, 6), (12, 8)])
@@ -359,17 +366,10 @@ def test_heads_are_skipped_from_the_configured_cache_length(skip_heads_from, com
 def test_decode_plan():
     """Groups batched by active heads per group, as slices where possible; with 2 threads a third
     group of 2 active heads runs in a call of its own."""
-    attn = build()
-    device = torch.device("cpu")
 
     def plan(heads, threads):
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return [(groups, select if isinstance(select, slice) else select.tolist())
-                    for groups, select in attn.decode_plan(tuple(heads), device)]
-        finally:
-            torch.set_num_threads(torch_threads)
+        return [(groups, select if isinstance(select, slice) else select.tolist())
+                for groups, select in plan_head_calls(tuple(heads), 2, threads, torch.device("cpu"))]
 
     assert plan([0, 1, 2, 3, 4, 5], 2) == [(slice(0, 2, 1), slice(0, 4, 1)), (slice(2, 3, 1), slice(4, 6, 1))]
     assert plan([0, 1, 2, 3, 4, 5], 1) == [(slice(0, 3, 1), slice(0, 6, 1))]
@@ -394,23 +394,24 @@ def test_strided_slices_select_exactly_the_indices(indices, expected):
 
 
 @pytest.mark.parametrize("options", ROUTER_CONFIGS + [dict(routing="static"), dict(routing="all")])
-def test_host_routing_of_one_token_equals_route(options):
+def test_active_heads_are_the_weighted_ones_in_any_call(options):
+    """The heads a call computes are exactly those with a weight, ``n_shared + top_k`` per token
+    (every head with ``all``), and one token routed alone (decoding) gets the weights and heads it
+    gets inside a batch."""
     attn = build(**options)
     if attn.router is not None:
         sharpen_router(attn)
-    x = torch.randn(1, 7, C, dtype=torch.float64)
-    gates, _ = attn.route(x, AttentionContext(None)) if attn.routing == "router" else (None, None)
-    for t in range(7):
-        weights, heads = attn.route_one_token(x[:, t:t + 1])
-        if attn.routing == "router":
-            expected = gates[0, t]
-        elif attn.routing == "static":
-            expected = attn.static_gates.double()
-        else:
-            assert weights is None and heads == list(range(attn.n_heads))
-            continue
-        torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), expected, atol=1e-12, rtol=1e-10)
-        assert heads == torch.nonzero(expected).flatten().tolist()
+    x = torch.randn(2, 7, C, dtype=torch.float64)
+    gates, active = attn.head_gates(x, AttentionContext(None))
+    weights = torch.ones(2, 7, attn.n_heads, dtype=torch.float64) if gates is None else gates.expand(2, 7, -1)
+    assert torch.equal(active, weights > 0)
+    n_active = attn.n_heads if attn.routing == "all" else attn.n_shared + attn.top_k
+    assert active.sum(-1).eq(n_active).all()
+    for b, t in [(0, 0), (1, 3), (1, 6)]:
+        one_gates, one_active = attn.head_gates(x[b:b + 1, t:t + 1], AttentionContext(None))
+        if gates is not None:
+            torch.testing.assert_close(one_gates.expand(1, 1, -1)[0, 0], weights[b, t], atol=1e-12, rtol=1e-10)
+        assert torch.equal(one_active[0, 0], active[b, t])
 
 
 def test_static_never_computes_the_pruned_group_and_training_computes_all(monkeypatch):

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import plain_kernels_only
+from .kernels import plain_kernels_only
 
 
 def _load_fla_kernel():
@@ -86,14 +86,17 @@ def fla_backward_is_reliable(capability: tuple[int, int], triton_version: str) -
 
 
 def fla_usable(t: Tensor, needs_grad: bool) -> bool:
-    """Whether fla's kernel can compute the chunked rule for ``t``'s device and dtype (never
-    inside :func:`~attnlab.attention.base.plain_kernels`)."""
-    if not (FLA_AVAILABLE and t.device.type == "cuda" and t.dtype in FLA_DTYPES) or plain_kernels_only():
-        return False
+    """The kernel choice of the chunked rule: whether fla's kernel computes it for ``t`` (else
+    :func:`chunk_gated_delta_rule`)."""
+    if not (FLA_AVAILABLE and t.device.type == "cuda" and t.dtype in FLA_DTYPES):
+        return False  # a Triton kernel for CUDA and 16-bit inputs, from the optional fla package
+    if plain_kernels_only():
+        return False  # FLOP counters cannot see Triton kernels (kernels.plain_kernels)
     if not needs_grad:
-        return True
+        return True  # the Triton miscompilation below affects only the gated backward
     import triton
 
+    # the gated backward is miscompiled by some Triton versions on Hopper
     return fla_backward_is_reliable(torch.cuda.get_device_capability(t.device), triton.__version__)
 
 

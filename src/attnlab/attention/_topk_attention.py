@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .base import plain_kernels_only, sdpa
+from .base import sdpa
+from .kernels import selected_attention_kernel
 
 
 def query_chunks(start: int, end: int, chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -412,13 +413,8 @@ def selected_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, sc
     heads ``(B, T, K)``.
 
     ``kernel``: ``"csr"`` (:class:`SelectedAttention`) or ``"gathered"`` (:func:`gathered_attention`);
-    None picks CSR on CPU without attention dropout, gathered SDPA otherwise (CUDA's fused kernels
-    take 16-bit inputs and dropout; CPU's CSR kernels read the keys in place, without copies).
-    Counting FLOPs (:func:`~attnlab.attention.base.plain_kernels`) takes CSR on every device, so a
-    CUDA count equals the CPU's."""
-    if kernel is None:
-        csr = q.device.type == "cpu" or plain_kernels_only()
-        kernel = "csr" if csr and dropout_p == 0 else "gathered"
+    None: as :func:`~attnlab.attention.kernels.selected_attention_kernel` chooses."""
+    kernel = kernel or selected_attention_kernel(q.device, dropout_p)
     if kernel == "csr":
         if dropout_p:
             raise ValueError("the CSR kernel has no attention dropout; use kernel='gathered'")

@@ -18,19 +18,19 @@ interface:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnlab.config import ModelConfig
 from attnlab.layers import mark_residual_projection  # noqa: F401 - re-exported for mechanisms
+
+# plain_kernels, plain_kernels_only: re-exported, profiling and extensions import them from here
+from .kernels import plain_kernels, plain_kernels_only, plan_sdpa, sdpa_backends  # noqa: F401
 
 if TYPE_CHECKING:
     from attnlab.layers import RotaryEmbedding
@@ -179,91 +179,31 @@ def causal_mask(q_len: int, k_len: int, start: int, device: torch.device | str) 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: float | None = None) -> Tensor:
-    """``scaled_dot_product_attention`` for ``q`` ``(B, H, T, D)`` and ``k, v`` ``(B, H_kv, S, D_k|D_v)``
-    with ``H_kv`` dividing ``H``, steered onto the fused kernels.
+    """``softmax(q k^T * scale + mask) v`` for ``q`` ``(B, H, T, D)`` and ``k, v`` ``(B, H_kv, S, D_k|D_v)``,
+    query head ``h`` reading KV head ``h // (H / H_kv)``: ``(B, H, T, D_v)``.
 
-    * Grouped K/V: on CPU the fused kernel is faster with K/V repeated to ``H`` heads than with
-      ``enable_gqa`` (measured 142 vs 247 ms fwd+bwd, MQA, T=4096); on CUDA only the 16-bit flash
-      kernel takes grouped K/V (float32 would fall back to the unfused math path), so float32
-      repeats too. Single-token decoding never repeats (it would copy the whole cache): it packs
-      instead on CPU, the ``G`` query heads sharing a KV head become ``G`` query rows of that
-      head, so each cached K/V head is read once, not ``G`` times (8 query on 4 KV heads of width
-      16, 16,384 cached tokens, 2 cores: 298 vs 386 us per call with ``enable_gqa``). The kernel
-      parallelises over (sequence, KV head), so it packs only when those keep every thread busy
-      (MQA, one sequence: 318 vs 278 us). A mask shared by the heads and the query (a static
-      decoding step's written positions) is shared by the packed rows too. On CUDA only such
-      masked single-token calls are packed: flash attention, the kernel that takes grouped K/V,
-      takes no mask, and the memory-efficient kernel that does then runs ``G`` query rows per KV
-      head instead of the unfused math path (reasoned from the kernels' constraints, not
-      measured); unmasked calls are left to the flash kernel.
-    * CUDA: never cuDNN attention, which builds an execution graph for every new shape. Measured
-      on an H100 (torch 2.11, whose SDPA picked it for bf16 calls): 58-68 ms per decoding call
-      whose key length grew by one, 0.08 ms with flash. Routed MoAS, whose branch lengths change
-      at every training step, trained 25x slower than dense MoAS there with cuDNN in use.
-    * Values narrower than queries/keys (MLA): the fused kernels need one head width, so ``v`` is
-      zero-padded and the padding sliced off the output (3x faster than the unfused path on CPU).
+    ``scaled_dot_product_attention`` on the fused kernels, fed as
+    :func:`~attnlab.attention.kernels.plan_sdpa` decides (packed query rows, repeated or grouped
+    K/V heads, zero-padded narrow values) with the CUDA kernels of
+    :func:`~attnlab.attention.kernels.sdpa_backends`; every plan computes the same function.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    on_cpu = q.device.type == "cpu"
-    enable_gqa = H_kv != H
-    # a mask broadcast over heads and the query row (a static step's written positions) fits packed rows too
-    shared_mask = attn_mask is None or (attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1))
-    if enable_gqa and T == 1 and shared_mask and (B * H_kv >= cpu_threads() if on_cpu else attn_mask is not None):
-        # one query per head: the G query heads of a KV head become G query rows of that head
+    H_kv, v_dim = k.shape[1], v.shape[-1]
+    plan = plan_sdpa(q, k, v, attn_mask)
+    if plan.grouping == "pack_rows":
         q = q.reshape(B, H_kv, H // H_kv, D)
-        enable_gqa = False
-    elif enable_gqa and T > 1 and (on_cpu or q.dtype not in (torch.float16, torch.bfloat16)):
-        group = H // H_kv
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        enable_gqa = False
-    v_dim = v.shape[-1]
-    if v_dim < D:
+    elif plan.grouping == "repeat_kv":
+        k, v = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
+    if plan.pad_values:
         v = F.pad(v, (0, D - v_dim))
-    with _backends_for(q.device):
+    with sdpa_backends(q.device):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                           scale=scale, enable_gqa=enable_gqa)
-    if v_dim != D:
+                                           scale=scale, enable_gqa=plan.grouping == "enable_gqa")
+    if plan.pad_values:
         y = y[..., :v_dim]
-    return y.reshape(B, H, T, v_dim) if y.shape[1] != H else y
-
-
-@torch._dynamo.assume_constant_result
-def cpu_threads() -> int:
-    """``torch.get_num_threads()``, which a compiled graph takes as the constant it was at tracing."""
-    return torch.get_num_threads()
-
-
-#: CUDA kernels for every call: flash (16-bit), memory-efficient, math; not cuDNN (see :func:`sdpa`).
-_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def _backends_for(device: torch.device) -> contextlib.AbstractContextManager:
-    return sdpa_kernel(_CUDA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
-
-
-_plain_kernel_depth = 0
-
-
-@contextlib.contextmanager
-def plain_kernels() -> Iterator[None]:
-    """Inside, mechanisms compute with ATen operations only: no compiled flex attention, no
-    flash-linear-attention Triton kernels. FLOP counting uses it, since ``FlopCounterMode``
-    cannot see Triton kernels, and compiled flex attention fails under it (on an H100 the
-    failure also made later compilations of flex attention in the process fail)."""
-    global _plain_kernel_depth
-    _plain_kernel_depth += 1
-    try:
-        yield
-    finally:
-        _plain_kernel_depth -= 1
-
-
-def plain_kernels_only() -> bool:
-    """Whether :func:`plain_kernels` is active."""
-    return _plain_kernel_depth > 0
+    return y.reshape(B, H, T, v_dim) if plan.grouping == "pack_rows" else y
 
 
 def sdpa_causal(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float = 0.0,

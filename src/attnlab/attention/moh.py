@@ -39,13 +39,15 @@ Heads and cache: MoH has its own ``n_heads`` (``head_dim = d_model / n_heads``),
 n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of every KV head:
 ``2 * n_kv_heads * head_dim`` values per token and layer. What is computed:
 
-* Decoding one sequence (a single token): routing runs on the host from one copy of the router
-  logits. From ``skip_heads_from`` cached tokens on, exactly the active query heads are computed
-  (:meth:`attend_heads`): a KV group is read once for all its active heads (they become query
-  rows of one packed call) and not at all when none is active; K/V are only sliced, never
-  gathered. Below, as a batch. ``static`` and ``all`` take the same path.
+* Decoding one sequence (a single token): from ``skip_heads_from`` cached tokens on, exactly the
+  active query heads are computed (:func:`~attnlab.attention._moh_decode.attend_heads`, which
+  plans the kernel calls from the active heads read to the host): a KV group is read once for
+  all its active heads (they become query rows of one packed call) and not at all when none is
+  active; K/V are only sliced, never gathered. Below, as a batch. ``static`` and ``all`` take
+  the same path.
 * A static decoding step (:meth:`decode_step`, compiled decoding): every head, weighted by the
-  router's gates as tensors, since host routing would break the compiled graph at every layer.
+  router's gates, since reading the active heads to the host would break the compiled graph at
+  every layer.
 * Any other call (a batch, a prompt): the KV groups that some token of the call needs, in
   contiguous runs of groups (slices of K/V); inactive heads inside them are computed and
   weighted 0. ``static`` never computes the groups beyond its heads. Training with ``router``
@@ -54,9 +56,8 @@ n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of 
 
 With 4 KV heads of 2 query heads, a token's 2 inactive routed heads share a group 1 time in 5;
 otherwise they leave two groups with one active head each, so the saving is the per-head share
-of a group's cost (its K/V is read either way): on 2 CPU cores about 15% of the attention time,
-about even with the extra kernel calls and the routing at 16k cached tokens, 1.07-1.26x faster
-decoding than ``routing=all`` at 32k-64k (README, "Decoding at long context").
+of a group's cost (its K/V is read either way); measured speeds in the README ("Decoding at
+long context").
 
 Router init: one bias-free ``nn.Linear`` holding ``[W_r; W_s; W_h]``, initialised by the model's
 GPT-2 init, N(0, 0.02): small logits give near-uniform routing (every active head starts with
@@ -66,7 +67,6 @@ token, so every routed head is trained and every router row gets a gradient from
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +74,7 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig, divisors, require
 
+from ._moh_decode import attend_heads, contiguous_runs
 from .base import (Attention, AttentionCache, AttentionConfig, AttentionContext, KVCache, mark_residual_projection,
                    sdpa, sdpa_causal)
 from .gqa import GroupedQueryAttention
@@ -126,33 +127,6 @@ class MoHConfig(AttentionConfig):
                 "a number of cached tokens >= 0")
 
 
-def contiguous_runs(flags: list[bool]) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges of consecutive True entries: ``[T, T, F, T] -> [(0, 2), (3, 4)]``."""
-    runs: list[tuple[int, int]] = []
-    for i, flag in enumerate(flags):
-        if flag and runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        elif flag:
-            runs.append((i, i + 1))
-    return runs
-
-
-def strided_slices(indices: list[int]) -> list[slice]:
-    """Slices selecting exactly the sorted ``indices``: one when they are evenly spaced
-    (``[1, 3] -> [1:4:2]``), else one per contiguous run (``[0, 1, 3] -> [0:2, 3:4]``)."""
-    step = indices[1] - indices[0] if len(indices) > 1 else 1
-    if all(b - a == step for a, b in zip(indices, indices[1:])):
-        return [slice(indices[0], indices[-1] + 1, step)]
-    return [slice(start, end, 1) for start, end in contiguous_runs([i in indices for i in range(indices[-1] + 1)])]
-
-
-def host_softmax(values: list[float]) -> list[float]:
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
 @register_attention("moh")
 class MixtureOfHeadsAttention(Attention):
     Config = MoHConfig
@@ -191,7 +165,6 @@ class MixtureOfHeadsAttention(Attention):
         self.register_buffer("static_gates", static.float(), persistent=False)
         #: Groups routing=static computes: those holding one of its heads.
         self.static_groups = static.view(self.n_kv_heads, self.group_size).any(-1).tolist()
-        self._decode_plans: dict = {}
 
     # ----------------------------------------------------------------------------- routing
     def route(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
@@ -236,36 +209,30 @@ class MixtureOfHeadsAttention(Attention):
             ctx.record("routed_weight", balance[..., 1].mean())
         return gates, selected
 
-    def route_one_token(self, x: Tensor) -> tuple[list[float] | None, list[int]]:
-        """Head weights ``(H,)`` (None: every head with weight 1) and the active heads, ascending,
-        of a single token ``x`` ``(1, 1, C)``, computed on the host: :meth:`route`'s equations on
-        one copy of the router's logits, instead of about twenty tensor operations (69 us per
-        layer on 2 CPU cores, as much as skipping two heads saves at 16k cached tokens). Ties
-        between routed scores go to the lower head index."""
-        n_active = self.n_shared + self.top_k
-        if self.routing == "all":
-            return None, list(range(self.n_heads))
+    def head_gates(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor | None, Tensor]:
+        """The head weights of ``x`` ``(B, T, C)`` for every routing, ``(B, T, H)`` or ``(H,)`` (None:
+        every head with weight 1), and the active heads ``(B, T, H)`` bool. Records the routed
+        heads' selection when statistics are recorded."""
+        B, T, _ = x.shape
+        if self.routing == "router":
+            gates, selected = self.route(x, ctx)
+            return gates, torch.cat([selected.new_ones(B, T, self.n_shared), selected], dim=-1)
+        gates = self.static_gates if self.routing == "static" else None
+        active = (self.static_gates.bool() if gates is not None
+                  else torch.ones(self.n_heads, dtype=torch.bool, device=x.device)).expand(B, T, self.n_heads)
+        if ctx.recording:
+            self.record_selection(ctx, active[..., self.n_shared:])
+        return gates, active
+
+    def needed_groups(self, active: Tensor, ctx: AttentionContext) -> list[bool]:
+        """The KV groups ``(H_kv,)`` holding a head that some token of the call activates
+        (``active`` ``(B, T, H)``). Training with ``router`` takes every group: a group goes
+        unused by a whole batch almost never, and finding out would stall the device."""
         if self.routing == "static":
-            return [1.0] * n_active + [0.0] * (self.n_heads - n_active), list(range(n_active))
-        logits = self.router(x).reshape(-1).tolist() if self.router is not None else []
-        n_r, n_s, _ = self.router_split
-        routed, shared, types = logits[:n_r], logits[n_r:n_r + n_s], logits[n_r + n_s:]
-        if self.n_routed > 1:
-            chosen = sorted(sorted(range(self.n_routed), key=lambda i: -routed[i])[:self.top_k])
-            routed_weights = host_softmax([routed[i] for i in chosen])
-        else:
-            chosen, routed_weights = [0], [1.0]
-        head_weights = [0.0] * self.n_heads
-        routed_scale = float(self.top_k)
-        if self.n_shared:
-            shared_weights = host_softmax(shared) if self.n_shared > 1 else [1.0]
-            a1, a2 = host_softmax(types)
-            for i, weight in enumerate(shared_weights):
-                head_weights[i] = 2 * a1 * self.n_shared * weight
-            routed_scale *= 2 * a2
-        for i, weight in zip(chosen, routed_weights):
-            head_weights[self.n_shared + i] = routed_scale * weight
-        return head_weights, list(range(self.n_shared)) + [self.n_shared + i for i in chosen]
+            return self.static_groups
+        if self.routing == "all" or ctx.training:
+            return [True] * self.n_kv_heads
+        return active.reshape(-1, self.n_kv_heads, self.group_size).any(-1).any(0).tolist()
 
     def record_selection(self, ctx: AttentionContext, selected: Tensor) -> None:
         """Statistics of the routed heads' selection ``(B, T, E)``."""
@@ -294,58 +261,6 @@ class MixtureOfHeadsAttention(Attention):
             y[:, first * self.group_size:end * self.group_size] = self.attend_groups(q, k, v, start, first, end)
         return y
 
-    def decode_plan(self, heads: tuple[int, ...], device: torch.device) -> list[tuple[slice, slice | Tensor]]:
-        """How :meth:`attend_heads` computes the query heads ``heads`` of one token: calls of
-        ``(KV groups, their active query heads)``, the groups a slice of the KV heads, the query
-        heads a slice where evenly spaced, else an index. Planned once per set of active heads.
-
-        Groups are batched by how many of their query heads are active (a group's active heads
-        become query rows of one packed call, see :func:`sdpa`). A packed call runs one KV head
-        per thread, so the groups beyond a multiple of the thread count run as a call of their
-        own, which ``sdpa`` leaves unpacked: one query head per thread. Measured on 2 cores at
-        65,536 cached tokens: 2 packed groups of 2 rows 741 us, 3 groups 1,435 us, 1 group
-        1,484 us, 1 group unpacked 380 us."""
-        threads = torch.get_num_threads()
-        key = (heads, str(device), threads)
-        plan = self._decode_plans.get(key)
-        if plan is None:
-            heads_of: dict[int, list[int]] = {}
-            for h in heads:
-                heads_of.setdefault(h // self.group_size, []).append(h)
-            groups_with: dict[int, list[int]] = {}
-            for group, members in heads_of.items():
-                groups_with.setdefault(len(members), []).append(group)
-            plan = []
-            for rows, groups in sorted(groups_with.items()):
-                for part in strided_slices(groups):
-                    members = list(range(part.start, part.stop, part.step))
-                    whole = len(members) - len(members) % threads if rows > 1 and len(members) > threads else len(members)
-                    for chunk in (members[:whole], members[whole:]):
-                        if chunk:
-                            query_heads = [h for g in chunk for h in heads_of[g]]
-                            evenly = strided_slices(query_heads)
-                            select = evenly[0] if len(evenly) == 1 else torch.tensor(query_heads, device=device)
-                            plan.append((strided_slices(chunk)[0], select))
-            self._decode_plans[key] = plan
-        return plan
-
-    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, heads: list[int]) -> Tensor:
-        """One token's attention ``(1, H, 1, D)`` for the query heads ``heads`` only (ascending;
-        zeros for the others), over ``k, v`` ``(1, H_kv, S, D)``: inactive heads are not computed,
-        a KV head is read once per call for all its active query heads, and K/V are only ever
-        sliced (views), never gathered."""
-        if len(heads) == self.n_heads:
-            return sdpa(q, k, v)
-        y = q.new_zeros(q.shape)
-        for groups, select in self.decode_plan(tuple(heads), q.device):
-            q_rows = q[:, select] if isinstance(select, slice) else q.index_select(1, select)
-            out = sdpa(q_rows, k[:, groups], v[:, groups])
-            if isinstance(select, slice):
-                y[:, select] = out
-            else:
-                y.index_copy_(1, select, out)
-        return y
-
     def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, ctx)
@@ -353,56 +268,30 @@ class MixtureOfHeadsAttention(Attention):
             assert isinstance(cache, KVCache)
             k, v = cache.update(k, v, ctx.start_pos)
 
-        if B * T == 1 and not ctx.training and not ctx.recording:
-            # decoding one sequence: routed on the host; only the active heads (or their KV groups) computed
-            head_weights, heads = self.route_one_token(x)
-            if k.shape[2] >= self.cfg.skip_heads_from:
-                y = self.attend_heads(q, k, v, heads)
-            else:
-                needed = [False] * self.n_kv_heads
-                for h in heads:
-                    needed[h // self.group_size] = True
-                y = self.attend(q, k, v, ctx.start_pos, needed)
-            y = y.transpose(1, 2)  # (1, 1, H, D)
-            if head_weights is not None:
-                y = y * torch.tensor(head_weights, dtype=y.dtype, device=y.device).unsqueeze(-1)
-            return self.out_proj(y.reshape(1, 1, -1))
-
-        gates: Tensor | None = None  # (B, T, H) or (H,); None: every head with weight 1
-        groups = [True] * self.n_kv_heads
-        if self.routing == "router":
-            gates, selected = self.route(x, ctx)
-            if not ctx.training:
-                # (B, T, E) -> (B, T, H) -> (H_kv,): groups with an active head anywhere in the call
-                active = torch.cat([selected.new_ones(B, T, self.n_shared), selected], dim=-1)
-                groups = active.view(B * T, self.n_kv_heads, self.group_size).any(-1).any(0).tolist()
-        elif self.routing == "static":
-            gates, groups = self.static_gates, self.static_groups
-            if ctx.recording:
-                self.record_selection(ctx, gates[self.n_shared:].bool().expand(B, T, self.n_routed))
-        elif ctx.recording:
-            self.record_selection(ctx, torch.ones(B, T, self.n_routed, dtype=torch.bool, device=x.device))
-
-        y = self.attend(q, k, v, ctx.start_pos, groups).transpose(1, 2)  # (B, T, H, D)
+        gates, active = self.head_gates(x, ctx)
+        if B * T == 1 and not ctx.training and not ctx.recording and k.shape[2] >= self.cfg.skip_heads_from:
+            # decoding one sequence at a long context: only the active heads computed
+            y = attend_heads(q, k, v, active.view(-1).nonzero().flatten().tolist(), self.group_size)
+        else:
+            y = self.attend(q, k, v, ctx.start_pos, self.needed_groups(active, ctx))
+        y = y.transpose(1, 2)  # (B, T, H, D)
         if gates is not None:
             y = y * gates.to(y.dtype).unsqueeze(-1)
         return self.out_proj(y.reshape(B, T, -1))
 
     def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
         """The static step (compiled decoding): every head over the whole cache, weighted by the
-        router's tensor gates (0 for inactive heads), none of the host routing and per-active-set
-        kernel calls of :meth:`forward`'s single-sequence path, whose Python control flow depends
-        on the routing of each token."""
+        gates (0 for inactive heads), none of the per-active-set kernel calls of :meth:`forward`'s
+        single-sequence path, whose Python control flow depends on the routing of each token."""
         assert isinstance(cache, KVCache)
         B = x.shape[0]
         q, k, v = self.project(x, ctx)
         k, v = cache.update_at(k, v, ctx.start_pos)
         visible = ctx.visible(k.shape[2])
         y = sdpa(q, k, v, attn_mask=visible).transpose(1, 2)  # (B, 1, H, D)
-        if self.routing == "router":
-            y = y * self.route(x, ctx)[0].to(y.dtype).unsqueeze(-1)
-        elif self.routing == "static":
-            y = y * self.static_gates.to(y.dtype).unsqueeze(-1)
+        gates, _ = self.head_gates(x, ctx)
+        if gates is not None:
+            y = y * gates.to(y.dtype).unsqueeze(-1)
         return self.out_proj(y.reshape(B, 1, -1))
 
     def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> KVCache:

@@ -8,9 +8,10 @@ cache differ (Beltagy et al. 2020; Child et al. 2019; as used by Mistral 7B).
 
 Cost is O(T * window) in time and memory:
 
-* on CUDA (no cache, no attention dropout) flex attention with a sliding-window block mask,
-  which skips the key blocks outside the band;
-* elsewhere a blocked computation: queries are split into blocks of ``b`` rows; block ``m``
+* flex attention with a sliding-window block mask, which skips the key blocks outside the band,
+  where :func:`~attnlab.attention.kernels.use_flex_attention` allows it (CUDA, no cache, no
+  attention dropout);
+* otherwise a blocked computation: queries are split into blocks of ``b`` rows; block ``m``
   gathers only the ``b + window - 1`` keys that any of its rows can see and applies one band
   mask, and a single ``scaled_dot_product_attention`` call runs all blocks as a batch.
 
@@ -31,13 +32,14 @@ from torch import Tensor
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, plain_kernels_only, sdpa, sdpa_causal
+from .base import AttentionCache, AttentionContext, sdpa, sdpa_causal
 from .gqa import GQAConfig, GroupedQueryAttention
+from .kernels import use_flex_attention
 from .registry import register_attention
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # older torch: the blocked path serves every device
+except ImportError:  # older torch: use_flex_attention always chooses the blocked band
     create_block_mask = flex_attention = None
 
 
@@ -203,9 +205,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
         if n_prefix + T <= self.window:  # no key ever leaves the window: plain causal attention
             y = sdpa_causal(q, k, v, n_prefix, self.dropout_p)
             return y.transpose(1, 2).reshape(B, T, H * D)
-        if (q.device.type == "cuda" and flex_attention is not None and n_prefix == 0
-                and self.dropout_p == 0.0  # flex attention has no dropout
-                and not plain_kernels_only()):
+        if use_flex_attention(q.device, n_prefix, self.dropout_p):
             block_mask = _sliding_block_mask(self.window, T, q.device)
             y = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_kv_heads != H)
             return y.transpose(1, 2).reshape(B, T, H * D)
