@@ -6,7 +6,7 @@
 #                                                decode (eager vs compiled decoding, CUDA graphs)
 # Packages missing on the machine travel as wheels in .whl/ (installed into /tmp/site). Each step
 # has its own time limit, so one slow step still leaves the others' results in out_dir.
-# BENCH_EXTRA=bench.quick=true makes it a quick smoke run of the script itself (also on a CPU).
+# BENCH_EXTRA=bench=quick makes it a quick smoke run of the script itself (also on a CPU).
 set -u
 OUT_DIR=${1:-${OUT:-outputs/gpu_check}}
 mkdir -p "$OUT_DIR"

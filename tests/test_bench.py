@@ -25,7 +25,7 @@ def run_bench(args: list[str], tmp_path: Path, timeout: int = 600) -> dict:
     return its bench.json."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "scripts/bench.py", "bench.quick=true", "bench.threads=1", *args,
+    cmd = [sys.executable, "scripts/bench.py", "bench=quick", "bench.threads=1", *args,
            f"paths.log_dir={tmp_path / 'outputs'}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -219,18 +219,20 @@ def _compose(overrides: list[str]):
 def test_default_config_benchmarks_exp10_with_the_gpt2_vocabulary():
     settings, model, optim = bench.load_settings(_compose([]))
     assert model["name"] == "exp10" and model["vocab_size"] == bench.GPT2_VOCAB_SIZE
-    assert settings.lengths == [256, 1024, 4096] and settings.attention is None and not settings.quick
+    assert settings.lengths == [256, 1024, 4096] and settings.attention is None
     assert optim.lr > 0
 
 
-def test_quick_settings_yield_to_command_line_overrides():
-    cfg = _compose(["bench.quick=true", "bench.lengths=[32]", "model.d_model=32"])
-    settings, model, _ = bench.load_settings(cfg, {"bench.lengths", "model.d_model"})
-    assert settings.lengths == [32] and model["d_model"] == 32
-    assert settings.decode_steps == cfg.bench.quick_settings.decode_steps
-    assert (model["name"], model["n_layers"], model["vocab_size"]) == ("quick", 2, 512)
-    settings, model, _ = bench.load_settings(cfg)  # overrides unknown: quick settings win
-    assert settings.lengths == QUICK_LENGTHS and model["d_model"] == 64
+def test_quick_config_applies_and_command_line_overrides_win():
+    settings, model, _ = bench.load_settings(_compose(["bench=quick"]))
+    assert settings.lengths == QUICK_LENGTHS and (settings.tokens_per_step, settings.decode_steps) == (256, 4)
+    assert (model["name"], model["n_layers"], model["d_model"], model["vocab_size"]) == ("quick", 2, 64, 512)
+    assert model["loss_chunk_size"] == 256  # what conf/bench/quick.yaml leaves alone stays the model's
+    for overrides in (["bench=quick", "bench.lengths=[32]", "model.d_model=32"],
+                      ["bench.lengths=[32]", "model.d_model=32", "bench=quick"]):  # whatever the order
+        settings, model, _ = bench.load_settings(_compose(overrides))
+        assert settings.lengths == [32] and model["d_model"] == 32
+        assert settings.decode_steps == 4 and (model["name"], model["n_layers"]) == ("quick", 2)
 
 
 @pytest.mark.parametrize("field, value", [

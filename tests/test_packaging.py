@@ -148,8 +148,8 @@ def test_installed_wheel_from_another_directory(tmp_path):
 
     report = _run([bin_dir / "attnlab-report", sweep, "--reference", "gqa_2", "--out", work / "report"], cwd=work, env=env)
     assert "my_moas" in report.stdout and (work / "report" / "results.md").is_file()
-    bench = _run([bin_dir / "attnlab-bench", "bench.quick=true", "--cfg", "job"], cwd=work, env=env)
-    assert "quick: true" in bench.stdout
+    bench = _run([bin_dir / "attnlab-bench", "bench=quick", "--cfg", "job"], cwd=work, env=env)
+    assert "name: quick" in bench.stdout  # conf/bench/quick.yaml ships with the package
     # attnlab-sample composes the packaged sample config; bad input: one line, exit status 2
     assert "attnlab-sample" in _run([bin_dir / "attnlab-sample", "--help"], cwd=work, env=env).stdout
     missing = subprocess.run([bin_dir / "attnlab-sample", "ckpt_path=missing.ckpt", "prompt=hi"], cwd=work, env=env,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from attnlab.profiling import (
     EXTRA_FLOP_FORMULAS,
     LiveTensorTracker,
+    PeakMemoryProbe,
     count_flops,
     matmul_peak_gflops,
     state_tensors,
@@ -51,6 +52,16 @@ def test_roots_count_from_the_start_and_views_share_their_base():
     assert tracker.peak == 4096 + MiB + MiB // 2
     del x, views, y
     assert tracker.current == 4096  # the root is still alive
+
+
+def test_peak_memory_probe_on_cpu_measures_live_tensor_bytes_from_its_roots():
+    """The probe the benchmark uses: on CPU the live-tensor peak, roots included, with the op that set it."""
+    param = torch.zeros(1024)  # 4 KiB
+    n = MiB // FLOAT
+    probe = PeakMemoryProbe(torch.device("cpu"))
+    assert probe.measure(lambda: torch.ones(n) + torch.ones(n), [param]) == 4096 + 3 * MiB
+    assert probe.method == "live_tensor_bytes" and probe.peak_op == "aten.add.Tensor"
+    assert probe.measure(lambda: torch.empty(n), []) == MiB  # each measurement starts afresh
 
 
 def test_tensors_created_before_the_mode_count_when_used():

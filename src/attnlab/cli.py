@@ -45,7 +45,7 @@ def hydra_command(config_name: str, target: str) -> Callable[[], Any]:
 
 #: ``attnlab-train``: one run or, with ``-m``, a sweep (see :func:`attnlab.train.run_job`).
 train = hydra_command("train", "attnlab.train:run_job")
-#: ``attnlab-bench``: the efficiency benchmark (see :func:`attnlab.bench.run`).
+#: ``attnlab-bench``: the efficiency benchmark (see :func:`attnlab.bench.runner.run`).
 bench = hydra_command("bench", "attnlab.bench:run")
 #: ``attnlab-sample``: text from a run's checkpoint (see :func:`attnlab.sample.run`).
 sample = hydra_command("sample", "attnlab.sample:run")

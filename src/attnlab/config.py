@@ -116,6 +116,12 @@ def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
     return cls(**kwargs)
 
 
+#: Lightning's ``Trainer(precision=...)`` values.
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+#: ``torch.set_float32_matmul_precision`` values (the ``matmul_precision`` of train.py and the benchmark).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
 def require(condition: bool, field: str, value: Any, allowed: str, reason: str | None = None) -> None:
     if not condition:
         raise ConfigError(field, value, allowed, reason)

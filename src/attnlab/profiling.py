@@ -1,19 +1,24 @@
-"""Measuring instruments for the benchmark: peak tensor memory, FLOP counts, matmul peak, timing.
+"""Measuring instruments for the benchmark: peak memory, FLOP counts, timing, the machine.
 
 * :class:`LiveTensorTracker` follows every tensor storage that ATen ops create or touch and
   keeps the running sum of their bytes, so the peak of live tensor bytes during a CPU training
-  step can be measured without an allocator statistic (CUDA has ``max_memory_allocated``).
+  step can be measured without an allocator statistic (CUDA has ``max_memory_allocated``);
+  :class:`PeakMemoryProbe` measures a peak with whichever of the two the device has.
 * :func:`count_flops` wraps ``torch.utils.flop_counter.FlopCounterMode``, adding the CPU fused
   attention kernels it does not know (it would count their FLOPs as zero).
-* :func:`matmul_peak_gflops` measures the machine's GEMM rate, the denominator of MFU.
+* :func:`matmul_peak_gflops` measures the machine's GEMM rate, the denominator of MFU;
+  :func:`machine_info` describes the machine a measurement ran on, with those peaks.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,6 +112,48 @@ def state_tensors(*objects: Any) -> list[Tensor]:
         elif isinstance(obj, Tensor):
             found.append(obj)
     return found
+
+
+class PeakMemoryProbe:
+    """Peak memory of the code between :meth:`start` and :meth:`stop`, in bytes.
+
+    CUDA: the caching allocator's peak of allocated bytes. CPU: the peak of live tensor bytes,
+    ``roots`` (tensors alive before, e.g. parameters and optimizer states) included."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.tracker: LiveTensorTracker | None = None
+        #: CPU only: the ATen op whose output reached the peak.
+        self.peak_op: str | None = None
+
+    @property
+    def method(self) -> str:
+        return "cuda_max_memory_allocated" if self.device.type == "cuda" else "live_tensor_bytes"
+
+    def start(self, roots: list[Tensor]) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.tracker = LiveTensorTracker(roots)
+            self.tracker.__enter__()
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        assert self.tracker is not None
+        self.tracker.__exit__(None, None, None)
+        peak, self.peak_op, self.tracker = self.tracker.peak, self.tracker.peak_op, None
+        return int(peak)
+
+    def measure(self, fn: Callable[[], Any], roots: list[Tensor]) -> int:
+        self.start(roots)
+        try:
+            fn()
+        finally:
+            peak = self.stop()
+        return peak
 
 
 # ----------------------------------------------------------------------------------- FLOPs
@@ -247,3 +294,62 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int, device: torch.device | str
     out = torch.empty(size, size, device=device, dtype=dtype)
     seconds = time_calls(lambda: torch.mm(a, b, out=out), warmup, repeats, device)
     return 2 * size**3 / statistics.median(seconds) / 1e9
+
+
+# ----------------------------------------------------------------------------------- the machine
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (at most 500 characters), how a failed measurement
+    is recorded."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}"[:500]
+
+
+def set_threads(threads: int | None) -> int:
+    """Intra-op CPU threads: ``threads``, or every core this process may run on."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads or available)
+    return torch.get_num_threads()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, matmul_size: int | None = None, matmul_repeats: int = 5) -> dict[str, Any]:
+    """Device, software and the measured fp32 / bf16 GEMM peaks (GFLOP/s) of ``matmul_size``
+    square matrices (null: 1024 on cpu, 8192 on cuda)."""
+    size = matmul_size or (8192 if device.type == "cuda" else 1024)
+    peaks: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        try:
+            peaks[name] = matmul_peak_gflops(dtype, size, device, repeats=matmul_repeats)
+        except Exception as exc:  # e.g. no bf16 GEMM on this device
+            peaks[name], errors[name] = None, describe_error(exc)
+    info = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "matmul_size": size,
+        "matmul_peak_gflops": peaks,
+    }
+    if errors:
+        info["matmul_peak_errors"] = errors
+    return info
