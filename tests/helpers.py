@@ -79,15 +79,20 @@ def train_config(overrides: list[str], output_dir, cache_dir=None):
 
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from attnlab.paths import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a run
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.cache_dir = str(cache_dir or Path(output_dir).parent / "cache")
-        del cfg.hydra  # a single run, not a job of a sweep
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a run...
+    try:
+        with open_dict(cfg):
+            del cfg.hydra  # a single run, not a job of a sweep
+        OmegaConf.resolve(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # ...and no global Hydra state is left behind
     return cfg

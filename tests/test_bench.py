@@ -47,6 +47,7 @@ def matmul_params(params: dict, model: dict) -> int:
     return params["attention"] + params["feed_forward"] + model["vocab_size"] * model["d_model"]
 
 
+@pytest.mark.slow
 def test_quick_run_reports_every_field_for_every_mechanism(tmp_path):
     result = run_bench([], tmp_path)
     assert result["status"] == "completed"
@@ -99,6 +100,7 @@ def test_quick_run_reports_every_field_for_every_mechanism(tmp_path):
         assert (run / name).stat().st_size > 1000, name
 
 
+@pytest.mark.slow
 def test_reference_mode_compares_attnlab_with_a_bare_loop(tmp_path):
     result = run_bench(["bench.reference=true"], tmp_path)
     assert result["mechanisms"] == {}

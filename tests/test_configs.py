@@ -4,7 +4,9 @@ composes and validates, bad values stop at start-up naming the field, and every 
 from __future__ import annotations
 
 import json
+
 import pytest
+
 from attnlab.attention import preset_names
 from attnlab.config import ConfigError
 from attnlab.paths import CONF_DIR
@@ -51,6 +53,7 @@ def test_invalid_config_fails_at_start_with_a_clear_error(override, message, tmp
     assert failed["status"] == "failed" and message in failed["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_trains_and_records_its_run(preset, tmp_path):
     run_job(train_config([*FAST, f"attention={preset}"], tmp_path / "run"))

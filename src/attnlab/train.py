@@ -21,7 +21,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from attnlab.config import ConfigError, EvalConfig, OptimConfig, from_dict, import_modules, require, to_container
+from attnlab.config import (
+    MATMUL_PRECISIONS,
+    PRECISIONS,
+    ConfigError,
+    EvalConfig,
+    OptimConfig,
+    from_dict,
+    import_modules,
+    require,
+    to_container,
+)
 from attnlab.errors import InputError
 from attnlab.evaluation import perplexity
 from attnlab.io import read_json, write_json
@@ -29,8 +39,6 @@ from attnlab.recipe import ModelRecipe, model_recipe
 
 log = logging.getLogger("attnlab")
 
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
-MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 @dataclass

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from attnlab.attention import AttentionContext, resolve_attention
-from attnlab.attention import _moh_decode
+from attnlab.attention import AttentionContext, _moh_decode, resolve_attention
 from attnlab.attention import moh as moh_module
 from attnlab.attention._moh_decode import contiguous_runs, plan_head_calls, strided_slices
 from attnlab.attention.moh import MixtureOfHeadsAttention

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.attention import registry as registry_module
 from attnlab.attention import (
     Attention,
     AttentionContext,
@@ -17,6 +16,7 @@ from attnlab.attention import (
     registered_names,
     resolve_attention,
 )
+from attnlab.attention import registry as registry_module
 from attnlab.config import ConfigError, ModelConfig
 from attnlab.model import GPT
 from tests.conftest import TINY_MODEL

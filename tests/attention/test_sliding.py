@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.attention import AttentionContext, resolve_attention
-from attnlab.attention import sliding
+from attnlab.attention import AttentionContext, resolve_attention, sliding
 from attnlab.attention.sliding import banded_attention
 from attnlab.config import ConfigError, ModelConfig
 from attnlab.layers import RotaryEmbedding

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.data import CharTokenizer, ContiguousWindows, DataNotFoundError, LMDataModule, RandomWindows, ShardSampler
-from attnlab.data import synthetic, wikitext
+from attnlab.data import (
+    CharTokenizer,
+    ContiguousWindows,
+    DataNotFoundError,
+    LMDataModule,
+    RandomWindows,
+    ShardSampler,
+    synthetic,
+    wikitext,
+)
 from attnlab.loss import IGNORE_INDEX
 from tests.conftest import SHARED_DATA, has_gpt2_ranks, has_shared_data
 

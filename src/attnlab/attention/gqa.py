@@ -14,8 +14,16 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig, divisors, require
 
-from .base import (Attention, AttentionCache, AttentionConfig, AttentionContext, KVCache, mark_residual_projection, sdpa,
-                   sdpa_causal)
+from .base import (
+    Attention,
+    AttentionCache,
+    AttentionConfig,
+    AttentionContext,
+    KVCache,
+    mark_residual_projection,
+    sdpa,
+    sdpa_causal,
+)
 from .registry import register_attention
 
 

@@ -75,8 +75,16 @@ from torch import Tensor, nn
 from attnlab.config import ModelConfig, divisors, require
 
 from ._moh_decode import attend_heads, contiguous_runs
-from .base import (Attention, AttentionCache, AttentionConfig, AttentionContext, KVCache, mark_residual_projection,
-                   sdpa, sdpa_causal)
+from .base import (
+    Attention,
+    AttentionCache,
+    AttentionConfig,
+    AttentionContext,
+    KVCache,
+    mark_residual_projection,
+    sdpa,
+    sdpa_causal,
+)
 from .gqa import GroupedQueryAttention
 from .registry import register_attention
 

@@ -51,7 +51,7 @@ from attnlab.bench.decoding import (
 )
 from attnlab.bench.mechanisms import MECHANISM_FIELDS, bench_mechanism, mechanisms_to_run
 from attnlab.bench.plots import write_plots
-from attnlab.bench.reference import REFERENCE_FIELDS, RandomWindows, run_reference
+from attnlab.bench.reference import REFERENCE_FIELDS, run_reference
 from attnlab.bench.runner import run
 from attnlab.bench.settings import BENCH_PRECISIONS, GPT2_VOCAB_SIZE, BenchSettings, bench_model_config, load_settings
 from attnlab.bench.tables import machine_table, mechanism_tables, reference_tables, write_markdown
@@ -59,7 +59,7 @@ from attnlab.bench.training import TRAIN_FIELDS, measure_training
 
 __all__ = [
     "BENCH_PRECISIONS", "CACHE_FIELDS", "COMPILED_DECODE_FIELDS", "DECODE_FIELDS", "GPT2_VOCAB_SIZE", "LM_HEAD_FIELDS",
-    "MECHANISM_FIELDS", "REFERENCE_FIELDS", "TRAIN_FIELDS", "BenchSettings", "RandomWindows", "bench_mechanism",
+    "MECHANISM_FIELDS", "REFERENCE_FIELDS", "TRAIN_FIELDS", "BenchSettings", "bench_mechanism",
     "bench_model_config", "load_settings", "machine_table", "measure_cache", "measure_decode", "measure_lm_head",
     "measure_training", "mechanism_tables", "mechanisms_to_run", "reference_tables", "run", "run_reference",
     "write_markdown", "write_plots",

@@ -8,11 +8,13 @@ import dataclasses
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from attnlab.attention import resolve_layer_attention
 from attnlab.bench.harness import NOT_MEASURABLE_COMPILED, attempt, autocast, throughput
@@ -26,23 +28,13 @@ REFERENCE_FIELDS = ("name", "path", "dropout", "compile", "batch_size", "seq_len
                     "peak_memory_method", "error")
 
 
-class RandomWindows(torch.utils.data.IterableDataset):
-    """Endless batches of random ``seq_len + 1`` windows of a random token stream: ``(x, y)``
-    each ``(B, T)``, ``y`` shifted by one (what a language-model data loader yields)."""
+def random_token_batches(vocab_size: int, batch_size: int, seq_len: int, steps: int) -> DataLoader:
+    """``steps`` batches ``(x, y)``, each ``(B, T)``: the training split's sampler
+    (:class:`attnlab.data.RandomWindows`) over a stream of random tokens."""
+    from attnlab.data import RandomWindows  # imports Lightning: only when a reference is measured
 
-    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int = 0, stream_len: int = 1 << 20):
-        self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
-        self.generator = torch.Generator().manual_seed(seed)
-        self.stream = torch.randint(vocab_size, (max(stream_len, seq_len + 2),), generator=self.generator)
-
-    def sample(self) -> tuple[Tensor, Tensor]:
-        starts = torch.randint(len(self.stream) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
-        windows = torch.stack([self.stream[s:s + self.seq_len + 1] for s in starts.tolist()])
-        return windows[:, :-1], windows[:, 1:]
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        while True:
-            yield self.sample()
+    stream = np.random.default_rng(0).integers(vocab_size, size=max(1 << 20, seq_len + 2))
+    return DataLoader(RandomWindows(stream, seq_len, seed=0, length=steps * batch_size), batch_size=batch_size)
 
 
 def fused_adamw_available(device: torch.device) -> bool:
@@ -79,7 +71,7 @@ def measure_bare_loop(model_values: dict[str, Any], optim: OptimConfig, dropout:
     model = GPT(cfg, resolve_layer_attention("mha", cfg)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                   weight_decay=optim.weight_decay, fused=fused_adamw_available(device))
-    data = RandomWindows(cfg.vocab_size, B, T)
+    batches = iter(random_token_batches(cfg.vocab_size, B, T, settings.warmup + settings.repeats + 1))
 
     def step(batch: tuple[Tensor, Tensor]) -> None:
         x, y = (t.to(device, non_blocking=True) for t in batch)
@@ -90,9 +82,9 @@ def measure_bare_loop(model_values: dict[str, Any], optim: OptimConfig, dropout:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = time_calls(lambda: step(data.sample()), settings.warmup, settings.repeats, device)
+    seconds = time_calls(lambda: step(next(batches)), settings.warmup, settings.repeats, device)
     # the batch is drawn before the memory pass, as Lightning's loader does before a step
-    batch = data.sample()
+    batch = next(batches)
     probe = PeakMemoryProbe(device)
     peak = probe.measure(lambda: step(batch), state_tensors(model, optimizer))
     return _reference_entry("bare", dropout, False, B, T, seconds, peak, probe.method)
@@ -143,9 +135,9 @@ def measure_lightning(model_values: dict[str, Any], optim: OptimConfig, dropout:
                         max_steps=memory_step + 1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[clock])
-    loader = torch.utils.data.DataLoader(RandomWindows(cfg.vocab_size, B, T), batch_size=None)
+    loader = random_token_batches(cfg.vocab_size, B, T, memory_step + 1)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Lightning's advice on workers and iterable datasets
+        warnings.simplefilter("ignore")  # Lightning's advice on data loader workers
         trainer.fit(module, train_dataloaders=loader)
     if len(clock.ends) < memory_step:
         raise RuntimeError(f"the trainer stopped after {len(clock.ends)} of {memory_step + 1} steps")
