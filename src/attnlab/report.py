@@ -723,9 +723,9 @@ def write_report(sources: list[str | Path], out_dir: str | Path | None = None, *
     from attnlab import plots
 
     sources = [Path(s) for s in sources]
+    jobs = find_jobs(sources)  # before creating the output folder, which may be a (missing) source
     out = Path(out_dir) if out_dir else sources[0]
     out.mkdir(parents=True, exist_ok=True)
-    jobs = find_jobs(sources)
     reference = reference or _reference_from_configs(jobs) or DEFAULT_REFERENCE
     groups = aggregate(jobs)
     judged = compare_with_reference(groups, jobs, reference)
