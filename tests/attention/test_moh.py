@@ -243,9 +243,9 @@ def spy_on_groups(attn, monkeypatch) -> set[int]:
     computed: set[int] = set()
     original = attn.attend_groups
 
-    def spy(q, k, v, start, first, end):
+    def spy(q, k, v, ctx, first, end):
         computed.update(range(first, end))
-        return original(q, k, v, start, first, end)
+        return original(q, k, v, ctx, first, end)
 
     monkeypatch.setattr(attn, "attend_groups", spy)
     return computed
