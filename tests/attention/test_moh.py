@@ -303,7 +303,7 @@ def spy_on_kernel_calls(cache, monkeypatch) -> list[tuple[int, list[int]]]:
 
         monkeypatch.setattr(module, name, spy)
 
-    spy_on(moh_module, "sdpa_causal")  # the KV-group path
+    spy_on(moh_module, "sdpa_in_context")  # the KV-group path
     spy_on(_moh_decode, "sdpa")  # the active-head path
     return calls
 

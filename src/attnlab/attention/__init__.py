@@ -16,6 +16,7 @@ from .base import (
     AttentionConfig,
     AttentionContext,
     EmptyCache,
+    STRUCTURES,
     KVCache,
     causal_mask,
     mark_residual_projection,
@@ -45,5 +46,5 @@ __all__ = [
     "Attention", "AttentionCache", "AttentionConfig", "AttentionContext", "AttentionLayer", "AttentionSpec",
     "EmptyCache", "KVCache", "attention_options", "build", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
     "register_attention", "registered_names", "resolve_attention", "resolve_layer_attention", "sdpa", "sdpa_causal",
-    "sdpa_in_context",
+    "sdpa_in_context", "STRUCTURES",
 ]
