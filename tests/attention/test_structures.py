@@ -25,7 +25,7 @@ def _layer(spec_id: str, causal: bool = True, **options):
     kind, name = spec_id.split(":")
     spec = load_preset(name) if kind == "preset" else {"name": name}
     if spec["name"] == "moh":  # MoH's own head count must fit the small width's RoPE
-        spec = {**spec, "n_heads": 4, "n_kv_heads": 2, "n_shared_heads": 1, "top_k": 2}
+        spec = {**spec, "n_kv_heads": 2, "n_shared_heads": 1, "top_k": 2}  # (build's n_heads is MoH's)
     torch.manual_seed(0)
     return build(spec, d_model=D_MODEL, n_heads=N_HEADS, causal=causal, **options).double().eval()
 

@@ -18,7 +18,7 @@ from attnlab.config import ConfigError, ModelConfig, require
 from attnlab.layers import RotaryEmbedding
 
 from .base import Attention, AttentionContext
-from .registry import AttentionSpec, attention_options, resolve_attention
+from .registry import AttentionSpec, attention_options, get_registration, resolve_attention
 
 if TYPE_CHECKING:
     from attnlab.model import ModelCache
@@ -33,6 +33,7 @@ def build(attention: str | Mapping[str, Any], *, d_model: int, n_heads: int, cau
     ``options`` override its fields (``n_kv_heads=4``, ``window=128``). ``causal=False``: the
     bidirectional form, where the mechanism declares one. ``rope``: rotary positions for the
     mechanisms that use them (False: no positions at all, e.g. when your model adds its own).
+    ``n_heads`` is also the head count of a mechanism that has its own (MoH's ``n_heads``).
     ``bias``, ``attn_dropout``, ``norm_eps``: as the model's fields of those names.
 
     Parameters start from PyTorch's default initialisation of each module, then each mechanism's
@@ -43,7 +44,10 @@ def build(attention: str | Mapping[str, Any], *, d_model: int, n_heads: int, cau
     model = ModelConfig(n_layers=1, d_model=d_model, n_heads=n_heads, d_ff=4 * d_model, max_seq_len=1,
                         attn_dropout=attn_dropout, pos_encoding="rope" if rope else "learned",
                         rope_theta=rope_theta, bias=bias, norm_eps=norm_eps)
-    spec = resolve_attention({**attention_options(attention), **options}, model)
+    values = {**attention_options(attention), **options}
+    if "n_heads" in get_registration(values["name"]).cls.Config.__dataclass_fields__:
+        values["n_heads"] = n_heads  # a mechanism with its own head count (MoH) takes this one
+    spec = resolve_attention(values, model)
     layer = spec.build(model, 0)
     for module in layer.modules():
         if isinstance(module, Attention):
