@@ -243,9 +243,9 @@ def spy_on_groups(attn, monkeypatch) -> set[int]:
     computed: set[int] = set()
     original = attn.attend_groups
 
-    def spy(q, k, v, start, first, end):
+    def spy(q, k, v, ctx, first, end):
         computed.update(range(first, end))
-        return original(q, k, v, start, first, end)
+        return original(q, k, v, ctx, first, end)
 
     monkeypatch.setattr(attn, "attend_groups", spy)
     return computed
@@ -303,7 +303,7 @@ def spy_on_kernel_calls(cache, monkeypatch) -> list[tuple[int, list[int]]]:
 
         monkeypatch.setattr(module, name, spy)
 
-    spy_on(moh_module, "sdpa_causal")  # the KV-group path
+    spy_on(moh_module, "sdpa_in_context")  # the KV-group path
     spy_on(_moh_decode, "sdpa")  # the active-head path
     return calls
 

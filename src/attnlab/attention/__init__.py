@@ -16,14 +16,18 @@ from .base import (
     AttentionConfig,
     AttentionContext,
     EmptyCache,
+    STRUCTURES,
     KVCache,
     causal_mask,
     mark_residual_projection,
     sdpa,
     sdpa_causal,
+    sdpa_in_context,
 )
+from .factory import AttentionLayer, build
 from .registry import (
     AttentionSpec,
+    attention_options,
     get_registration,
     load_preset,
     preset_names,
@@ -33,13 +37,14 @@ from .registry import (
     resolve_layer_attention,
 )
 
-_INFRASTRUCTURE = {"base", "kernels", "registry"}
+_INFRASTRUCTURE = {"base", "factory", "kernels", "registry"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "Attention", "AttentionCache", "AttentionConfig", "AttentionContext", "AttentionSpec", "EmptyCache",
-    "KVCache", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
+    "Attention", "AttentionCache", "AttentionConfig", "AttentionContext", "AttentionLayer", "AttentionSpec",
+    "EmptyCache", "KVCache", "attention_options", "build", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
     "register_attention", "registered_names", "resolve_attention", "resolve_layer_attention", "sdpa", "sdpa_causal",
+    "sdpa_in_context", "STRUCTURES",
 ]

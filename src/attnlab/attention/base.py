@@ -5,15 +5,21 @@ under a name with :func:`attnlab.attention.register_attention`. The model only e
 interface:
 
 * ``forward(x, ctx, cache=None) -> y`` with ``x, y`` of shape ``(B, T, C)``;
-* ``ctx`` (:class:`AttentionContext`) carries positions, the rotary table, and the two
-  side channels: auxiliary losses (added to the task loss by the LightningModule) and
-  statistics (read by callbacks, recorded only when asked for);
+* ``ctx`` (:class:`AttentionContext`) carries positions, the rotary table, the attention's
+  structure (causal or bidirectional, a memory to cross-attend to, a key padding mask; the GPT
+  model always passes plain causal self-attention), and the two side channels: auxiliary losses
+  (added to the task loss by the LightningModule) and statistics (read by callbacks, recorded
+  only when asked for);
 * ``init_cache(...)`` returns an :class:`AttentionCache` holding what the mechanism keeps per
   token (or its recurrent state) for decoding; ``cache_bytes(...)`` is its closed form, which
   the tests compare with the bytes actually held;
 * ``decode_step(x, ctx, cache)`` (optional) decodes one token per sequence at a position given as
   a tensor, with the same shapes at every position, so that ``torch.compile`` compiles the
-  model's step once (:meth:`attnlab.model.GPT.static_step`).
+  model's step once (:meth:`attnlab.model.GPT.static_step`);
+* the class attributes ``supports_bidirectional``, ``supports_cross_attention`` and
+  ``supports_key_padding`` declare which structures besides causal self-attention it computes
+  (:meth:`Attention.structure_issue`); the factory (:func:`attnlab.attention.build`) refuses the
+  others and the registry's contract tests check the declared ones against references.
 """
 
 from __future__ import annotations
@@ -56,15 +62,29 @@ class AttentionContext:
     sparse indexer's warm-up). Aux losses are summed over layers by name; statistics are stored per layer under
     ``"<scope>/<name>"`` and only when ``record_stats`` was requested, so they cost nothing in
     ordinary steps.
+
+    The attention's structure (only what :attr:`Attention.supports_bidirectional` and its
+    siblings declare; the GPT model leaves all three at their defaults, :attr:`plain`):
+
+    * ``causal``: False lets every query see every key (bidirectional; never with a cache);
+    * ``memory`` ``(B, S, C)``: cross-attention, queries from ``x`` and keys and values from
+      ``memory`` (its own length, no rotary positions, never causal, never with a cache);
+    * ``key_padding_mask`` ``(B, S)`` bool, True for a real token: keys at False positions are
+      never attended to. It covers the key positions: the memory's for cross-attention, else
+      ``0 .. start_pos + T`` (with a cache, the cached positions first; longer masks are cut).
     """
 
     def __init__(self, rope: RotaryEmbedding | None, start_pos: int | Tensor = 0, record_stats: bool = False,
                  *, _aux: dict | None = None, _stats: dict | None = None, _prefix: str = "",
                  training: bool = False, token_ids: Tensor | None = None, step: int | None = None,
-                 _visible: list | None = None):
+                 _visible: list | None = None, causal: bool = True, memory: Tensor | None = None,
+                 key_padding_mask: Tensor | None = None):
         self.rope = rope
         self.start_pos = start_pos
         self.step = step
+        self.causal = causal
+        self.memory = memory
+        self.key_padding_mask = key_padding_mask
         self._visible: list[tuple[int, Tensor]] = [] if _visible is None else _visible
         self.aux_losses: dict[str, Tensor] = {} if _aux is None else _aux
         self.stats: dict[str, Tensor] | None = ({} if record_stats else None) if _stats is None else _stats
@@ -82,7 +102,28 @@ class AttentionContext:
         return AttentionContext(self.rope, self.start_pos, _aux=self.aux_losses,
                                 _stats=self.stats, _prefix=f"{self.prefix}{name}/",
                                 training=self.training, token_ids=self.token_ids, step=self.step,
-                                _visible=self._visible)
+                                _visible=self._visible, causal=self.causal, memory=self.memory,
+                                key_padding_mask=self.key_padding_mask)
+
+    @property
+    def plain(self) -> bool:
+        """Causal self-attention without padding: what the GPT model runs, on the fused causal paths."""
+        return self.causal and self.memory is None and self.key_padding_mask is None
+
+    def attention_mask(self, q_len: int, k_len: int, start: int, device: torch.device | str,
+                       key_start: int = 0) -> Tensor | None:
+        """Boolean mask broadcastable to ``(B, H, q_len, k_len)``, True where a query may see a key,
+        for queries at positions ``start .. start+q_len`` over keys at ``key_start .. key_start+k_len``
+        (memory rows for cross-attention): causal unless bidirectional or cross-attention, and only
+        real keys under a key padding mask. None: every key is visible."""
+        mask = None
+        if self.causal and self.memory is None:
+            mask = causal_mask(q_len, k_len, start - key_start, device)
+        if self.key_padding_mask is not None:
+            keys = self.key_padding_mask[:, key_start:key_start + k_len]
+            keys = keys.view(keys.shape[0], 1, 1, k_len)
+            mask = keys if mask is None else mask & keys
+        return mask
 
     def visible(self, length: int) -> Tensor:
         """In a static step: the boolean ``(1, 1, 1, length)`` mask of the slots ``0..start_pos`` of
@@ -222,12 +263,38 @@ def sdpa_causal(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float = 
     return sdpa(q, k, v, attn_mask=causal_mask(q_len, k_len, start, q.device), dropout_p=dropout_p, scale=scale)
 
 
+def sdpa_in_context(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, start: int, dropout_p: float = 0.0,
+                    scale: float | None = None, key_start: int = 0) -> Tensor:
+    """Softmax attention of ``q`` ``(B, H, T, D)`` (positions ``start..start+T``) over ``k, v``
+    ``(B, H_kv, S, D)`` (positions ``key_start..key_start+S``, or memory rows) under ``ctx``'s
+    structure. Plain causal self-attention takes :func:`sdpa_causal`'s fused paths unchanged; the
+    other structures one explicit mask (a query that sees no key gets zeros: SDPA's rule for rows
+    without a visible key)."""
+    if ctx.plain:
+        return sdpa_causal(q, k, v, start - key_start, dropout_p=dropout_p, scale=scale)
+    mask = ctx.attention_mask(q.shape[2], k.shape[2], start, q.device, key_start)
+    return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+#: The attention structures beyond causal self-attention a mechanism may declare.
+STRUCTURES = ("bidirectional", "cross_attention", "key_padding")
+
+
 class Attention(nn.Module):
     """Base class of all token-mixing mechanisms. See the module docstring for the contract."""
 
     Config: ClassVar[type[AttentionConfig]] = AttentionConfig
     #: Whether the mechanism applies rotary embeddings itself (the model passes ``ctx.rope``).
     uses_rope: ClassVar[bool] = True
+    #: ``ctx.causal=False``: every query sees every key (the mechanism's bidirectional form).
+    supports_bidirectional: ClassVar[bool] = False
+    #: ``ctx.memory``: queries from ``x``, keys and values from the memory.
+    supports_cross_attention: ClassVar[bool] = False
+    #: ``ctx.key_padding_mask``: keys at padded positions never change a real token's output,
+    #: with and without a cache.
+    supports_key_padding: ClassVar[bool] = False
+    #: Why an undeclared structure is not supported (structure name -> reason), for error messages.
+    unsupported_reasons: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: AttentionConfig, model: ModelConfig, layer_idx: int):
         super().__init__()
@@ -266,6 +333,13 @@ class Attention(nn.Module):
         if type(self).decode_step is Attention.decode_step:
             return f"{type(self).__name__} implements no decode_step"
         return None
+
+    def structure_issue(self, structure: str) -> str | None:
+        """Why this layer cannot compute ``structure`` (one of :data:`STRUCTURES`), or None when it
+        can: the class's declaration (mixtures also ask their branches)."""
+        if getattr(self, f"supports_{structure}"):
+            return None
+        return self.unsupported_reasons.get(structure, f"{type(self).__name__} does not declare supports_{structure}")
 
     def length_extrapolation_issue(self) -> str | None:
         """Why this mechanism cannot run on sequences longer than those it was trained on (say, a

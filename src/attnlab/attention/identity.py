@@ -2,7 +2,7 @@
 
 The ablation's lower bound: the same value/output projections as MHA but every position sees
 only itself, so whatever the model learns comes from the MLPs and the embeddings. Nothing is
-cached (0 bytes per token).
+cached (0 bytes per token). Parameters: ``2 C^2`` (``C = d_model``; with ``model.bias``, ``+ 2 C``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from .registry import register_attention
 @register_attention("identity")
 class IdentityAttention(Attention):
     uses_rope = False
+    # no token mixing: the same function causal or not, and no key to hide
+    supports_bidirectional = True
+    supports_key_padding = True
+    unsupported_reasons = {"cross_attention": "no token mixing: its output reads no other sequence"}
 
     def __init__(self, cfg, model, layer_idx: int):
         super().__init__(cfg, model, layer_idx)

@@ -92,6 +92,11 @@ class GatedDeltaCache(AttentionCache):
 class GatedDeltaNet(Attention):
     Config = GatedDeltaNetConfig
     uses_rope = False
+    unsupported_reasons = {
+        "bidirectional": "a recurrence runs left to right: the state at t holds only tokens <= t",
+        "cross_attention": "the recurrent state is written by the sequence's own tokens; there is no memory to read",
+        "key_padding": "padded tokens would still decay and convolve into the state (not implemented)",
+    }
 
     def __init__(self, cfg: GatedDeltaNetConfig, model: ModelConfig, layer_idx: int):
         super().__init__(cfg, model, layer_idx)

@@ -67,7 +67,7 @@ from .base import (
     causal_mask,
     mark_residual_projection,
     sdpa,
-    sdpa_causal,
+    sdpa_in_context,
 )
 from .registry import register_attention
 
@@ -128,6 +128,9 @@ class MLACache(AttentionCache):
 @register_attention("mla")
 class MultiHeadLatentAttention(Attention):
     Config = MLAConfig
+    supports_bidirectional = True
+    supports_cross_attention = True
+    supports_key_padding = True
 
     def __init__(self, cfg: MLAConfig, model: ModelConfig, layer_idx: int):
         super().__init__(cfg, model, layer_idx)
@@ -155,13 +158,15 @@ class MultiHeadLatentAttention(Attention):
 
     def project(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` ``(B, T, C)`` -> ``q_nope`` ``(B, H, T, d_n)``, rotated ``q_rope`` ``(B, H, T, d_r)``
-        and the new cache rows ``[c_kv ; rotated k_rope]`` ``(B, T, r + d_r)``."""
+        and the new cache rows ``[c_kv ; rotated k_rope]`` ``(B, T, r + d_r)``; for cross-attention
+        the rows ``(B, S, r + d_r)`` of ``ctx.memory``, nothing rotated."""
         B, T, _ = x.shape
         q = self.q_up(self.q_norm(self.q_down(x))) if self.q_lora else self.q_proj(x)
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).transpose(1, 2).split(
             [self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        if ctx.rope is not None:
+        source = x if ctx.memory is None else ctx.memory
+        latent, k_rope = self.kv_down(source).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        if ctx.rope is not None and ctx.memory is None:
             q_rope = ctx.rope.rotate(q_rope, ctx.start_pos)
             k_rope = ctx.rope.rotate(k_rope, ctx.start_pos)
         return q_nope, q_rope, torch.cat([self.kv_norm(latent), k_rope], dim=-1)
@@ -176,9 +181,9 @@ class MultiHeadLatentAttention(Attention):
         # absorption saves up-projecting every cached position. Training and the first prefill
         # up-project each position once and can use SDPA's fused per-head kernels.
         if cache is not None and ctx.start_pos > 0 and self.absorb:
-            y = self.attend_absorbed(q_nope, q_rope, entries, ctx.start_pos)
+            y = self.attend_absorbed(q_nope, q_rope, entries, ctx)
         else:
-            y = self.attend_unabsorbed(q_nope, q_rope, entries, ctx.start_pos)
+            y = self.attend_unabsorbed(q_nope, q_rope, entries, ctx)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
@@ -191,11 +196,11 @@ class MultiHeadLatentAttention(Attention):
         y = attend(q_nope, q_rope, entries, visible=visible)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
-    def attend_unabsorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, start: int = 0,
+    def attend_unabsorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, ctx: AttentionContext | None = None,
                           visible: Tensor | None = None) -> Tensor:
-        """Materialise per-head keys and values from ``entries`` ``(B, S, r + d_r)``, then SDPA,
-        causal from ``start`` or masked to ``visible`` (a static step's written rows). Returns
-        ``(B, H, T, d_v)``."""
+        """Materialise per-head keys and values from ``entries`` ``(B, S, r + d_r)``, then SDPA
+        under ``ctx``'s structure (causal from ``ctx.start_pos``) or masked to ``visible`` (a static
+        step's written rows). Returns ``(B, H, T, d_v)``."""
         B, S, _ = entries.shape
         latent, k_rope = entries.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_up(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -205,13 +210,14 @@ class MultiHeadLatentAttention(Attention):
         # SDPA's default scale 1/sqrt(q.shape[-1]) is MLA's 1/sqrt(d_n + d_r)
         if visible is not None:
             return sdpa(q, k, v, attn_mask=visible)
-        return sdpa_causal(q, k, v, start, self.dropout_p)
+        return sdpa_in_context(q, k, v, ctx, ctx.start_pos, self.dropout_p)
 
-    def attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, start: int = 0,
+    def attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, ctx: AttentionContext | None = None,
                         visible: Tensor | None = None) -> Tensor:
         """Attend over the cached latents directly, ``W_uk`` folded into the queries and ``W_uv``
-        applied after. ``entries`` ``(B, S, r + d_r)``, causal from ``start`` or masked to
-        ``visible`` ``(1, 1, 1, S)`` (one query per head); returns ``(B, H, T, d_v)``."""
+        applied after. ``entries`` ``(B, S, r + d_r)``, causal from ``ctx.start_pos`` (with its key
+        padding) or masked to ``visible`` ``(1, 1, 1, S)`` (one query per head); returns
+        ``(B, H, T, d_v)``."""
         B, H, T, _ = q_nope.shape
         S, r = entries.shape[1], self.kv_lora_rank
         w_uk, w_uv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r).split([self.nope_dim, self.v_dim], dim=1)
@@ -222,8 +228,12 @@ class MultiHeadLatentAttention(Attention):
         q = q.reshape(B, 1, H * T, r + self.rope_dim)
         if visible is not None:
             mask = visible
+        elif ctx.plain:
+            mask = None if T == 1 else causal_mask(T, S, ctx.start_pos, q.device).repeat(H, 1)
         else:
-            mask = None if T == 1 else causal_mask(T, S, start, q.device).repeat(H, 1)
+            mask = ctx.attention_mask(T, S, ctx.start_pos, q.device)
+            if mask is not None and mask.shape[-2] > 1:  # a mask row per query: tiled over the heads
+                mask = mask.repeat(*[1] * (mask.dim() - 2), H, 1)
         # The values are the latents c_kv: pass the whole [c_kv ; k_rope] rows as values (the same
         # width as the keys, so the fused kernel runs without copying the cache) and drop the
         # rope columns of the output.

@@ -42,6 +42,15 @@ to it, which is also the rotary position the branch sees), depend on the router'
 every earlier token. A static step would have to run every branch on every token and discard
 all but the chosen ones, i.e. cost what the dense mixture costs, so such a mixture decodes
 eagerly.
+
+Structures (bidirectional, cross-attention, key padding: :class:`~attnlab.attention.base.AttentionContext`)
+pass through to the branches, so a mixture supports those all its branches support. Sparse
+routing hides each row's unrouted tail from its routed tokens when they may look ahead
+(bidirectional), and never routes a padded token: no branch sees it (with or without a cache)
+and its output is 0.
+
+Parameters: the branches' sum; ``moas`` adds its router, ``C h + h n + n`` (``h`` the router
+width, ``n`` branches; with ``model.bias`` also ``h``).
 """
 
 from __future__ import annotations
@@ -164,6 +173,8 @@ class StaticMixtureOfAttentionSchemes(Attention):
     """The average of the branches' outputs. ``branches`` ``nn.ModuleList``; ``branch_names``."""
 
     Config = StaticMoASConfig
+    # passed through to the branches: supported where every branch supports it (structure_issue)
+    supports_bidirectional = supports_cross_attention = supports_key_padding = True
 
     def __init__(self, cfg: StaticMoASConfig, model: ModelConfig, layer_idx: int):
         super().__init__(cfg, model, layer_idx)
@@ -205,13 +216,21 @@ class StaticMixtureOfAttentionSchemes(Attention):
     def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype) -> int:
         return sum(b.cache_bytes(batch_size, context_len, dtype) for b in self.branches)
 
-    def length_extrapolation_issue(self) -> str | None:
-        """A mixture runs beyond its training length when every branch does."""
+    def first_branch_issue(self, issue_of: Callable[[Attention], str | None]) -> str | None:
+        """The first branch's ``issue_of(branch)``, prefixed with the branch's name, or None."""
         for name, branch in zip(self.branch_names, self.branches):
-            issue = branch.length_extrapolation_issue()
+            issue = issue_of(branch)
             if issue is not None:
                 return f"branch {name}: {issue}"
         return None
+
+    def length_extrapolation_issue(self) -> str | None:
+        """A mixture runs beyond its training length when every branch does."""
+        return self.first_branch_issue(lambda branch: branch.length_extrapolation_issue())
+
+    def structure_issue(self, structure: str) -> str | None:
+        """A mixture computes a structure when every branch does."""
+        return self.first_branch_issue(lambda branch: branch.structure_issue(structure))
 
 
 @register_attention("moas")
@@ -273,6 +292,10 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
         gates = gates.to(x.dtype)
         if not self.sparse:
             return self.mix_dense(x, ctx, cache, gates)
+        if ctx.key_padding_mask is not None and ctx.memory is None:
+            # a padded token joins no branch: no branch ever sees it (nor caches it)
+            real = ctx.key_padding_mask[:, ctx.start_pos:ctx.start_pos + x.shape[1], None]
+            chosen, gates = chosen & real, gates * real
         if cache is None:
             return self.mix_routed(x, ctx, gates, chosen)
         assert isinstance(cache, RoutedMixtureCache)
@@ -289,12 +312,15 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
                     "position in its own subsequence cache depend on the routing of every earlier token")
         return super().decode_step_unsupported()
 
-    def branch_context(self, ctx: AttentionContext, i: int, start_pos: int,
-                       token_ids: Tensor | None) -> AttentionContext:
-        """Branch ``i``'s view of a routed subsequence: its own positions and token ids."""
+    def branch_context(self, ctx: AttentionContext, i: int, start_pos: int, token_ids: Tensor | None,
+                       key_padding_mask: Tensor | None) -> AttentionContext:
+        """Branch ``i``'s view of a routed subsequence: its own positions, token ids and real keys
+        (cross-attention keeps the memory's)."""
         scoped = ctx.scope(self.branch_scopes[i])
         scoped.start_pos = start_pos
         scoped.token_ids = token_ids
+        if ctx.memory is None:
+            scoped.key_padding_mask = key_padding_mask
         return scoped
 
     def mix_routed(self, x: Tensor, ctx: AttentionContext, gates: Tensor, chosen: Tensor) -> Tensor:
@@ -304,14 +330,17 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
         y = torch.zeros_like(x)
         for i, branch in enumerate(self.branches):
             routed = chosen[..., i]  # (B, T)
-            length = int(routed.sum(dim=1).max())
+            counts = routed.sum(dim=1)
+            length = int(counts.max())
             if length == 0:
                 continue
             # stable: each row's routed tokens first, in their order; then its unrouted ones
             order = torch.argsort(routed.to(torch.uint8), dim=1, descending=True, stable=True)[:, :length]
             token_ids = ctx.token_ids.gather(1, order) if ctx.token_ids is not None else None
             index = order.unsqueeze(-1).expand(-1, -1, C)
-            out = branch(x.gather(1, index), self.branch_context(ctx, i, 0, token_ids))  # (B, length, C)
+            # the unrouted tail of a row, after its routed tokens, is hidden from those that look ahead
+            real = None if ctx.plain else torch.arange(length, device=x.device) < counts[:, None]
+            out = branch(x.gather(1, index), self.branch_context(ctx, i, 0, token_ids, real))  # (B, length, C)
             # padding tokens were not routed to branch i, so their gate is exactly 0
             y = y.scatter_add(1, index, gates[..., i].gather(1, order).unsqueeze(-1) * out)
         return y
@@ -329,7 +358,8 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
                 if positions.numel() == 0:
                     continue
                 token_ids = ctx.token_ids[b, positions].unsqueeze(0) if ctx.token_ids is not None else None
-                branch_ctx = self.branch_context(ctx, i, cache.lengths[b][i], token_ids)
+                # (padded tokens are routed nowhere, so a branch's cache holds real tokens only)
+                branch_ctx = self.branch_context(ctx, i, cache.lengths[b][i], token_ids, None)
                 out = branch(x[b, positions].unsqueeze(0), branch_ctx, cache.rows[b].branches[i])[0]
                 cache.lengths[b][i] += positions.numel()
                 y_row = y_row.index_add(0, positions, gates[b, positions, i].unsqueeze(-1) * out)

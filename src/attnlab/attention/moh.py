@@ -83,7 +83,7 @@ from .base import (
     KVCache,
     mark_residual_projection,
     sdpa,
-    sdpa_causal,
+    sdpa_in_context,
 )
 from .gqa import GroupedQueryAttention
 from .registry import register_attention
@@ -138,6 +138,10 @@ class MoHConfig(AttentionConfig):
 @register_attention("moh")
 class MixtureOfHeadsAttention(Attention):
     Config = MoHConfig
+    # the structures reach its GQA attention calls (projections, masks) unchanged
+    supports_bidirectional = True
+    supports_cross_attention = True
+    supports_key_padding = True
 
     def __init__(self, cfg: MoHConfig, model: ModelConfig, layer_idx: int):
         super().__init__(cfg, model, layer_idx)
@@ -254,19 +258,21 @@ class MixtureOfHeadsAttention(Attention):
     #: ``k, v (B, H_kv, T, D)``.
     project = GroupedQueryAttention.project
 
-    def attend_groups(self, q: Tensor, k: Tensor, v: Tensor, start: int, first: int, end: int) -> Tensor:
-        """Causal attention of the query heads of KV groups ``first .. end-1``: ``(B, (end-first)*G, T, D)``."""
+    def attend_groups(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, first: int, end: int) -> Tensor:
+        """Attention (causal unless ``ctx`` says otherwise) of the query heads of KV groups
+        ``first .. end-1``: ``(B, (end-first)*G, T, D)``."""
         G = self.group_size
-        return sdpa_causal(q[:, first * G:end * G], k[:, first:end], v[:, first:end], start, self.dropout_p)
+        return sdpa_in_context(q[:, first * G:end * G], k[:, first:end], v[:, first:end], ctx, ctx.start_pos,
+                               self.dropout_p)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, groups: list[bool]) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, groups: list[bool]) -> Tensor:
         """Attention ``(B, H, T, D)`` for the groups flagged in ``groups`` ``(H_kv,)``; zeros elsewhere."""
         runs = contiguous_runs(groups)
         if runs == [(0, self.n_kv_heads)]:
-            return self.attend_groups(q, k, v, start, 0, self.n_kv_heads)
+            return self.attend_groups(q, k, v, ctx, 0, self.n_kv_heads)
         y = q.new_zeros(q.shape)
         for first, end in runs:
-            y[:, first * self.group_size:end * self.group_size] = self.attend_groups(q, k, v, start, first, end)
+            y[:, first * self.group_size:end * self.group_size] = self.attend_groups(q, k, v, ctx, first, end)
         return y
 
     def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
@@ -277,11 +283,12 @@ class MixtureOfHeadsAttention(Attention):
             k, v = cache.update(k, v, ctx.start_pos)
 
         gates, active = self.head_gates(x, ctx)
-        if B * T == 1 and not ctx.training and not ctx.recording and k.shape[2] >= self.cfg.skip_heads_from:
+        if (B * T == 1 and not ctx.training and not ctx.recording and ctx.key_padding_mask is None
+                and k.shape[2] >= self.cfg.skip_heads_from):
             # decoding one sequence at a long context: only the active heads computed
             y = attend_heads(q, k, v, active.view(-1).nonzero().flatten().tolist(), self.group_size)
         else:
-            y = self.attend(q, k, v, ctx.start_pos, self.needed_groups(active, ctx))
+            y = self.attend(q, k, v, ctx, self.needed_groups(active, ctx))
         y = y.transpose(1, 2)  # (B, T, H, D)
         if gates is not None:
             y = y * gates.to(y.dtype).unsqueeze(-1)

@@ -112,13 +112,10 @@ class AttentionSpec:
         return {**dataclasses.asdict(self.config), "name": self.name}
 
 
-def resolve_attention(spec: str | Mapping[str, Any], model: ModelConfig, field: str = "attention") -> AttentionSpec:
-    """Turn a config entry into a validated :class:`AttentionSpec`.
-
-    ``spec`` is a mapping with ``name`` and the mechanism's options, or a string: a preset from
-    ``conf/attention/`` or a user's config directory (``"gqa_2"``, see :func:`preset_names`) or a
-    registered name with default options (``"mqa"``).
-    """
+def attention_options(spec: str | Mapping[str, Any], field: str = "attention") -> dict[str, Any]:
+    """The options (``name`` included) of a config entry: a mapping with ``name`` as it is, or a
+    string: a preset from ``conf/attention/`` or a user's config directory (``"gqa_2"``, see
+    :func:`preset_names`) or a registered name with default options (``"mqa"``)."""
     if isinstance(spec, str):
         presets = _preset_files()
         if spec in presets:
@@ -131,7 +128,12 @@ def resolve_attention(spec: str | Mapping[str, Any], model: ModelConfig, field: 
                               reason=f"unknown attention preset or mechanism; presets {describe_config_dirs('attention')}")
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ConfigError(field, spec, "a preset name or a mapping with a 'name' key")
-    values = dict(spec)
+    return dict(spec)
+
+
+def resolve_attention(spec: str | Mapping[str, Any], model: ModelConfig, field: str = "attention") -> AttentionSpec:
+    """Turn a config entry (see :func:`attention_options`) into a validated :class:`AttentionSpec`."""
+    values = attention_options(spec, field)
     registration = get_registration(values["name"], f"{field}.name")
     for key, pinned in registration.fixed.items():
         if key in values and values[key] != pinned:

@@ -2,7 +2,8 @@
 
 Convention: token ``t`` attends to the ``window`` most recent positions, itself included,
 i.e. keys ``s`` with ``t - window < s <= t`` (``window=1`` sees only itself). With
-``window >= T`` this is ordinary causal attention. Projections, heads (``n_kv_heads`` for
+``window >= T`` this is ordinary causal attention. Bidirectional (``ctx.causal=False``), the
+band is two-sided: ``|t - s| < window``. Key padding masks hide padded keys inside the band. Projections, heads (``n_kv_heads`` for
 GQA/MQA) and RoPE are those of :class:`GroupedQueryAttention`; only the attention core and the
 cache differ (Beltagy et al. 2020; Child et al. 2019; as used by Mistral 7B).
 
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, sdpa, sdpa_causal
+from .base import AttentionCache, AttentionContext, sdpa, sdpa_in_context
 from .gqa import GQAConfig, GroupedQueryAttention
 from .kernels import use_flex_attention
 from .registry import register_attention
@@ -120,34 +121,43 @@ def _key_spans(x: Tensor, pad_front: int, pad_end: int, span: int, step: int) ->
 
 
 def banded_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_prefix: int, block: int,
-                     dropout_p: float = 0.0) -> Tensor:
-    """Sliding-window attention by query blocks, O(T * (block + window)) memory.
+                     dropout_p: float = 0.0, lookahead: int = 0, key_padding_mask: Tensor | None = None) -> Tensor:
+    """Sliding-window attention by query blocks, O(T * (block + window + lookahead)) memory.
 
     ``q`` ``(B, H, T, D)``; ``k, v`` ``(B, H_kv, n_prefix + T, D)``: ``n_prefix <= window - 1``
-    earlier keys (from a cache) followed by the queries' own keys. Returns ``(B, T, H * D)``.
+    earlier keys (from a cache) followed by the queries' own keys. Query ``t`` sees keys
+    ``t - window < s <= t + lookahead`` (``lookahead = window - 1``: the two-sided band), only the
+    real ones under ``key_padding_mask`` ``(B, n_prefix + T)``. Returns ``(B, T, H * D)``.
     """
     B, H, T, D = q.shape
     b = min(block, T)
     n_blocks = math.ceil(T / b)
-    span = b + window - 1  # keys any row of one block may see
-    pad_end = n_blocks * b - T
+    span = b + window - 1 + lookahead  # keys any row of one block may see
+    pad_end = n_blocks * b - T  # query rows after the last block's real ones
+    key_pad_end = pad_end + lookahead
     # Front padding puts query row r's own key at padded index r + window - 1 for every block.
     pad_front = window - 1 - n_prefix
 
     # Blocks become batch rows, (B * n_blocks, heads, rows, D): 4-D inputs with a boolean mask
     # take the fused CPU kernel (5-D inputs or overlapping strided views fall back to slow paths).
     q_blocks = F.pad(q, (0, 0, 0, pad_end)).view(B, H, n_blocks, b, D).transpose(1, 2).reshape(-1, H, b, D)
-    k_blocks = _key_spans(k, pad_front, pad_end, span, b)
-    v_blocks = _key_spans(v, pad_front, pad_end, span, b)
+    k_blocks = _key_spans(k, pad_front, key_pad_end, span, b)
+    v_blocks = _key_spans(v, pad_front, key_pad_end, span, b)
 
-    # Row i of a block sits at span index i + window - 1, so the band t - window < s <= t is
-    # i <= j <= i + window - 1 in every block; padding keys before the sequence are hidden too.
+    # Row i of a block sits at span index i + window - 1, so the band t - window < s <= t + lookahead
+    # is i <= j <= i + window - 1 + lookahead in every block; the padding keys before and after
+    # the sequence are hidden too.
     row = torch.arange(b, device=q.device)[:, None]
     col = torch.arange(span, device=q.device)[None, :]
-    band = (col >= row) & (col <= row + window - 1)  # (b, span)
+    band = (col >= row) & (col <= row + window - 1 + lookahead)  # (b, span)
     padded_index = torch.arange(n_blocks, device=q.device)[:, None] * b + col  # (n_blocks, span)
-    mask = band & (padded_index >= pad_front)[:, None, :]  # (n_blocks, b, span)
-    mask = mask.expand(B, n_blocks, b, span).reshape(B * n_blocks, 1, b, span)
+    in_sequence = (padded_index >= pad_front) & (padded_index < pad_front + n_prefix + T)
+    mask = (band & in_sequence[:, None, :]).expand(B, n_blocks, b, span)  # (B, n_blocks, b, span)
+    if key_padding_mask is not None:  # each block's keys' flags, spanned like the keys
+        flags = key_padding_mask.to(torch.uint8).view(B, 1, -1, 1)  # (F.pad takes no booleans)
+        real = _key_spans(flags, pad_front, key_pad_end, span, b)  # (B * n_blocks, 1, span, 1)
+        mask = mask & real.view(B, n_blocks, 1, span).bool()
+    mask = mask.reshape(B * n_blocks, 1, b, span)
 
     y = sdpa(q_blocks, k_blocks, v_blocks, attn_mask=mask, dropout_p=dropout_p)  # (B * n_blocks, H, b, D)
     return y.view(B, n_blocks, H, b, D).transpose(2, 3).reshape(B, n_blocks * b, H * D)[:, :T]
@@ -156,6 +166,8 @@ def banded_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_prefix: int
 @register_attention("sliding")
 class SlidingWindowAttention(GroupedQueryAttention):
     Config = SlidingWindowConfig
+    supports_cross_attention = False
+    unsupported_reasons = {"cross_attention": "a window of positions relates a sequence to itself, not to a memory"}
 
     def __init__(self, cfg: SlidingWindowConfig, model: ModelConfig, layer_idx: int):
         super().__init__(cfg, model, layer_idx)
@@ -167,7 +179,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
         start = ctx.start_pos
         q, k, v = self.project(x, ctx)
         if cache is None:
-            return self.out_proj(self.attend(q, k, v, n_prefix=0))
+            return self.out_proj(self.attend(q, k, v, 0, ctx))
         assert isinstance(cache, RollingKVCache)
         if cache.slots < self.window and start + T > cache.slots:
             raise RuntimeError(f"sliding-window cache holds {cache.slots} positions; writing up to {start + T}")
@@ -176,15 +188,19 @@ class SlidingWindowAttention(GroupedQueryAttention):
             # softmax attention does not care about): no mask, no gather.
             cache.write(k, v, start)
             filled = min(start + 1, cache.slots)
-            y = sdpa(q, cache.k[:, :, :filled], cache.v[:, :, :filled])
+            mask = None
+            if ctx.key_padding_mask is not None:  # slot s holds the latest position p <= start with p % W == s
+                slot = torch.arange(filled, device=x.device)
+                mask = ctx.key_padding_mask[:, start - (start - slot) % cache.slots].view(B, 1, 1, filled)
+            y = sdpa(q, cache.k[:, :, :filled], cache.v[:, :, :filled], attn_mask=mask)
             return self.out_proj(y.transpose(1, 2).reshape(B, 1, -1))
         # Chunked prefill: the cached keys the first new token can still see, then the new ones.
         n_prefix = min(start, self.window - 1)
         if n_prefix > 0:
             k_prev, v_prev = cache.recent(start, n_prefix)
-            y = self.attend(q, torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2), n_prefix)
+            y = self.attend(q, torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2), n_prefix, ctx)
         else:
-            y = self.attend(q, k, v, n_prefix=0)
+            y = self.attend(q, k, v, 0, ctx)
         cache.write(k, v, start)  # after reading: the new tokens may overwrite the prefix's slots
         return self.out_proj(y)
 
@@ -199,12 +215,19 @@ class SlidingWindowAttention(GroupedQueryAttention):
         y = sdpa(q, k, v, attn_mask=visible)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, n_prefix: int) -> Tensor:
-        """``q`` ``(B, H, T, D)`` over ``k, v`` ``(B, H_kv, n_prefix + T, D)`` -> ``(B, T, H * D)``."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ctx: AttentionContext) -> Tensor:
+        """``q`` ``(B, H, T, D)`` (positions from ``ctx.start_pos``) over ``k, v``
+        ``(B, H_kv, n_prefix + T, D)`` (the ``n_prefix`` positions before) -> ``(B, T, H * D)``."""
         B, H, T, D = q.shape
-        if n_prefix + T <= self.window:  # no key ever leaves the window: plain causal attention
-            y = sdpa_causal(q, k, v, n_prefix, self.dropout_p)
+        start = ctx.start_pos
+        if n_prefix + T <= self.window:  # no key ever leaves the window: attention without a band
+            y = sdpa_in_context(q, k, v, ctx, start, self.dropout_p, key_start=start - n_prefix)
             return y.transpose(1, 2).reshape(B, T, H * D)
+        if not ctx.plain:
+            padding = ctx.key_padding_mask
+            return banded_attention(q, k, v, self.window, n_prefix, self.block_size, self.dropout_p,
+                                    lookahead=0 if ctx.causal else self.window - 1,
+                                    key_padding_mask=None if padding is None else padding[:, start - n_prefix:start + T])
         if use_flex_attention(q.device, n_prefix, self.dropout_p):
             block_mask = _sliding_block_mask(self.window, T, q.device)
             y = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_kv_heads != H)

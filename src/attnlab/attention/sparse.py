@@ -189,6 +189,13 @@ def indexer_kl(target: Tensor, scores: Tensor, allowed: Tensor) -> Tensor:
 @register_attention("sparse")
 class SparseAttention(GroupedQueryAttention):
     Config = SparseConfig
+    # causal self-attention only, as designed: the indexer selects among each query's causal keys
+    supports_bidirectional = supports_cross_attention = supports_key_padding = False
+    unsupported_reasons = {
+        "bidirectional": "the indexer selects top-k keys among each query's causal keys (DeepSeek-V3.2's design)",
+        "cross_attention": "the indexer scores a sequence's own causal keys, not a memory's",
+        "key_padding": "the indexer's top-k selection and its KL loss know no padded keys",
+    }
 
     def __init__(self, cfg: SparseConfig, model: ModelConfig, layer_idx: int):
         super().__init__(cfg, model, layer_idx)
