@@ -49,18 +49,16 @@ class StopAtStep:
 
 
 class RecordTraining:
-    """A Lightning callback that records, under ``name`` in :attr:`records`, the input ids of
-    every optimizer step's batch (by step number) and the optimizer's state when fitting starts
-    (after a checkpoint was restored): what an exact resume must reproduce."""
+    """A Lightning callback that records the input ids of every optimizer step's batch (by step
+    number) and the optimizer's state when fitting starts (after a checkpoint was restored), and
+    saves them to ``path`` when fitting ends: what an exact resume must reproduce."""
 
-    records: dict[str, dict] = {}
-
-    def __new__(cls, name: str):
+    def __new__(cls, path: str):
         import copy
 
         from lightning.pytorch.callbacks import Callback
 
-        record = cls.records[name] = {"batches": {}, "optimizer_at_start": None}
+        record = {"batches": {}, "optimizer_at_start": None}
 
         class _RecordTraining(Callback):
             def on_train_start(self, trainer, pl_module):
@@ -68,6 +66,9 @@ class RecordTraining:
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 record["batches"][trainer.global_step + 1] = batch[0].clone()
+
+            def on_train_end(self, trainer, pl_module):
+                torch.save(record, path)
 
         return _RecordTraining()
 

@@ -61,19 +61,20 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     and the data position it saved are restored, and the final weights are those of an
     uninterrupted run (dropout on, so the RNG state must be restored too)."""
     from attnlab.train import run_job
-    from tests.helpers import RecordTraining, train_config
+    from tests.helpers import train_config
 
     common = ["experiment=smoke", "trainer.max_steps=10", "trainer.val_check_interval=5", "data.max_eval_tokens=256",
               "model.dropout=0.1", "logger=none"]
     record = "+callbacks.record._target_=tests.helpers.RecordTraining"
-    run_job(train_config([*common, record, "+callbacks.record.name=full"], tmp_path / "full"))
+    run_job(train_config([*common, record, f"+callbacks.record.path={tmp_path / 'full.pt'}"], tmp_path / "full"))
     run_job(train_config([*common, "+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=5"],
                          tmp_path / "part"))
     part, part_ckpt = _final_weights(tmp_path / "part")
     assert part_ckpt["global_step"] == 5
     resume = f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"
-    run_job(train_config([*common, resume, record, "+callbacks.record.name=resumed"], tmp_path / "resumed"))
-    full_record, resumed_record = RecordTraining.records["full"], RecordTraining.records["resumed"]
+    run_job(train_config([*common, resume, record, f"+callbacks.record.path={tmp_path / 'resumed.pt'}"],
+                         tmp_path / "resumed"))
+    full_record, resumed_record = (torch.load(tmp_path / f"{name}.pt", weights_only=False) for name in ("full", "resumed"))
     # the optimizer state it saved
     saved, restored = part_ckpt["optimizer_states"][0]["state"], resumed_record["optimizer_at_start"]["state"]
     assert saved.keys() == restored.keys() and len(saved) > 0

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.attention import Attention, AttentionCache, AttentionContext, AttentionSpec, resolve_layer_attention
+from attnlab.attention import (
+    Attention,
+    AttentionCache,
+    AttentionContext,
+    AttentionSpec,
+    ModelCache,
+    resolve_layer_attention,
+)
 from attnlab.config import ModelConfig
 from attnlab.layers import MLP, RotaryEmbedding, make_norm
 from attnlab.loss import IGNORE_INDEX, linear_cross_entropy
@@ -52,36 +59,6 @@ class ModelOutput:
     token_correct: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] | None = None
-
-
-class ModelCache:
-    """Decoding state of the whole model: one :class:`AttentionCache` per layer and the position,
-    twice: ``pos`` on the host (limits, eager calls) and ``position``, the same number as a 0-d
-    int64 tensor on the device, which static steps read so that a compiled step never sees a
-    changing Python integer."""
-
-    def __init__(self, layers: list[AttentionCache], max_len: int, device: torch.device | str | None = None):
-        self.layers = layers
-        self.max_len = max_len
-        self.pos = 0
-        self.position = torch.zeros((), dtype=torch.long, device=device)
-        self._static_addresses = False
-
-    def advance(self, n: int) -> None:
-        """Move both positions ``n`` tokens on (after the tokens' state was written)."""
-        self.pos += n
-        self.position.fill_(self.pos)
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def mark_static_addresses(self) -> None:
-        """Tell ``torch.compile`` that the state tensors keep their addresses between steps, so
-        CUDA graphs write them in place instead of copying them into graph-owned inputs."""
-        if not self._static_addresses:
-            for tensor in [self.position, *(t for layer in self.layers for t in layer.tensors())]:
-                torch._dynamo.mark_static_address(tensor)
-            self._static_addresses = True
 
 
 class Block(nn.Module):

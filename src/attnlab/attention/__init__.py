@@ -11,13 +11,14 @@ import importlib
 import pkgutil
 
 from .base import (
+    STRUCTURES,
     Attention,
     AttentionCache,
     AttentionConfig,
     AttentionContext,
     EmptyCache,
-    STRUCTURES,
     KVCache,
+    ModelCache,
     causal_mask,
     mark_residual_projection,
     sdpa,
@@ -44,7 +45,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "Attention", "AttentionCache", "AttentionConfig", "AttentionContext", "AttentionLayer", "AttentionSpec",
-    "EmptyCache", "KVCache", "attention_options", "build", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
+    "EmptyCache", "KVCache", "ModelCache", "attention_options", "build", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
     "register_attention", "registered_names", "resolve_attention", "resolve_layer_attention", "sdpa", "sdpa_causal",
     "sdpa_in_context", "STRUCTURES",
 ]

@@ -7,7 +7,7 @@ chunk ending at position ``e`` only looks at keys ``< e`` (its causal end). What
 
 * :func:`select_top_k_chunked`: the indexer scores ``I(t, s)`` of one query chunk at a time (no
   gradient), ``top_k`` of each row with ties at the threshold going to the latest positions,
-  exactly as :func:`attnlab.attention.sparse.select_top_k` decides on a whole row.
+  exactly as :func:`select_top_k` decides on a whole row.
 * :func:`selected_attention`: softmax attention of each query over its ``K`` selected keys.
   On CPU (:class:`SelectedAttention`) with PyTorch's sparse CSR kernels: one sampled
   matrix product (SDDMM) gives the ``K`` logits of every (query, head), one sparse-dense product
@@ -47,6 +47,25 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import sdpa
 from .kernels import selected_attention_kernel
+
+
+def select_top_k(scores: Tensor, allowed: Tensor, top_k: int) -> Tensor:
+    """Boolean mask of the ``top_k`` highest ``scores`` among the ``allowed`` positions of each row.
+
+    ``scores`` ``(..., S)``, ``allowed`` broadcastable to it. Rows with at most ``top_k`` allowed
+    positions keep all of them; otherwise exactly ``top_k`` are kept, ties at the threshold going
+    to the latest positions (deterministic, so a one-row decode step picks what the full forward
+    picks, and ReLU's exact zeros do not make the choice arbitrary)."""
+    allowed = allowed.expand_as(scores)
+    if top_k >= scores.shape[-1]:
+        return allowed
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    threshold = masked.topk(top_k, dim=-1).values[..., -1:]
+    above = masked > threshold
+    tied = (masked == threshold) & allowed
+    # of the tied positions, skip the earliest ones that do not fit beside those above the threshold
+    skipped = tied.sum(-1, keepdim=True) - (top_k - above.sum(-1, keepdim=True))
+    return above | (tied & (tied.cumsum(-1) > skipped))
 
 
 def query_chunks(start: int, end: int, chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -123,8 +142,6 @@ def top_k_latest(scores: Tensor, top_k: int) -> Tensor:
     One ``topk`` of ``top_k + 1`` entries finds the selection and detects the rows where the
     ``top_k``-th and the next value tie (the only rows where ``topk``'s own choice among equal
     values could differ); those few rows are decided again by the exact rule."""
-    from .sparse import select_top_k
-
     values, indices = scores.topk(top_k + 1, dim=-1, sorted=False)
     # drop the lowest of the top_k + 1: move the last column into its slot
     drop = values.argmin(dim=-1, keepdim=True)

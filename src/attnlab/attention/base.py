@@ -280,6 +280,37 @@ def sdpa_in_context(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, star
 STRUCTURES = ("bidirectional", "cross_attention", "key_padding")
 
 
+class ModelCache:
+    """Decoding state of a stack of layers (a whole model, or one layer built with
+    :func:`attnlab.attention.build`): one :class:`AttentionCache` per layer and the position,
+    twice: ``pos`` on the host (limits, eager calls) and ``position``, the same number as a 0-d
+    int64 tensor on the device, which static steps read so that a compiled step never sees a
+    changing Python integer."""
+
+    def __init__(self, layers: list[AttentionCache], max_len: int, device: torch.device | str | None = None):
+        self.layers = layers
+        self.max_len = max_len
+        self.pos = 0
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self._static_addresses = False
+
+    def advance(self, n: int) -> None:
+        """Move both positions ``n`` tokens on (after the tokens' state was written)."""
+        self.pos += n
+        self.position.fill_(self.pos)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def mark_static_addresses(self) -> None:
+        """Tell ``torch.compile`` that the state tensors keep their addresses between steps, so
+        CUDA graphs write them in place instead of copying them into graph-owned inputs."""
+        if not self._static_addresses:
+            for tensor in [self.position, *(t for layer in self.layers for t in layer.tensors())]:
+                torch._dynamo.mark_static_address(tensor)
+            self._static_addresses = True
+
+
 class Attention(nn.Module):
     """Base class of all token-mixing mechanisms. See the module docstring for the contract."""
 

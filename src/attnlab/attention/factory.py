@@ -9,7 +9,7 @@ no model, layer index or context object needed.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,11 +17,8 @@ from torch import Tensor, nn
 from attnlab.config import ConfigError, ModelConfig, require
 from attnlab.layers import RotaryEmbedding
 
-from .base import Attention, AttentionContext
+from .base import Attention, AttentionContext, ModelCache
 from .registry import AttentionSpec, attention_options, get_registration, resolve_attention
-
-if TYPE_CHECKING:
-    from attnlab.model import ModelCache
 
 
 def build(attention: str | Mapping[str, Any], *, d_model: int, n_heads: int, causal: bool = True,
@@ -123,7 +120,6 @@ class AttentionLayer(nn.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> ModelCache:
         """An empty decoding cache for ``batch_size`` sequences of up to ``max_len`` positions
         (``nbytes()``: the bytes it holds; ``pos``: the positions written)."""
-        from attnlab.model import ModelCache  # the model's cache of one layer (attnlab.model imports this package)
 
         param = next(self.parameters())
         state = self.attention.init_cache(batch_size, max_len, param.device, dtype or param.dtype)

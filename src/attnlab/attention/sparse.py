@@ -82,6 +82,7 @@ from ._topk_attention import (
     DenseIndexerKL,
     SelectedIndexerKL,
     attention_probabilities,
+    select_top_k,
     select_top_k_chunked,
     selected_attention,
 )
@@ -153,25 +154,6 @@ def index_scores(index_q: Tensor, index_k: Tensor, index_w: Tensor) -> Tensor:
     -> ``(B, T, S)`` (future positions are not masked here)."""
     per_head = torch.relu(index_q @ index_k.unsqueeze(1).transpose(-1, -2))
     return torch.einsum("bjts,btj->bts", per_head, index_w)
-
-
-def select_top_k(scores: Tensor, allowed: Tensor, top_k: int) -> Tensor:
-    """Boolean mask of the ``top_k`` highest ``scores`` among the ``allowed`` positions of each row.
-
-    ``scores`` ``(..., S)``, ``allowed`` broadcastable to it. Rows with at most ``top_k`` allowed
-    positions keep all of them; otherwise exactly ``top_k`` are kept, ties at the threshold going
-    to the latest positions (deterministic, so a one-row decode step picks what the full forward
-    picks, and ReLU's exact zeros do not make the choice arbitrary)."""
-    allowed = allowed.expand_as(scores)
-    if top_k >= scores.shape[-1]:
-        return allowed
-    masked = scores.masked_fill(~allowed, float("-inf"))
-    threshold = masked.topk(top_k, dim=-1).values[..., -1:]
-    above = masked > threshold
-    tied = (masked == threshold) & allowed
-    # of the tied positions, skip the earliest ones that do not fit beside those above the threshold
-    skipped = tied.sum(-1, keepdim=True) - (top_k - above.sum(-1, keepdim=True))
-    return above | (tied & (tied.cumsum(-1) > skipped))
 
 
 def indexer_kl(target: Tensor, scores: Tensor, allowed: Tensor) -> Tensor:
