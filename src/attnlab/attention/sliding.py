@@ -96,6 +96,29 @@ class RollingKVCache(AttentionCache):
         slot = torch.arange(end - count, end, device=self.k.device) % self.slots
         return self.k.index_select(2, slot), self.v.index_select(2, slot)
 
+    def extend(self, k: Tensor, v: Tensor, start: int, window: int) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` ``(B, H_kv, T, D)`` of positions ``start..start+T`` and return the keys and
+        values a ``window`` lets these tokens see, ``(B, H_kv, n_prefix + T, D)``: the ``n_prefix``
+        cached ones before the new tokens' own. One token gets the written buffer itself: it then
+        holds exactly the visible keys, in slot order (which softmax attention does not care
+        about, but position-indexed key flags do): no mask, no gather, ``n_prefix = min(start, W - 1)``."""
+        T = k.shape[2]
+        if self.slots < window and start + T > self.slots:
+            raise RuntimeError(f"sliding-window cache holds {self.slots} positions; writing up to {start + T}")
+        if T == 1:
+            self.write(k, v, start)
+            filled = min(start + 1, self.slots)
+            return self.k[:, :, :filled], self.v[:, :, :filled]
+        # Chunked prefill: the cached keys the first new token can still see, then the new ones
+        # (``recent`` copies them, so the new tokens may then overwrite their slots).
+        n_prefix = min(start, window - 1)
+        if n_prefix > 0:
+            k_prev, v_prev = self.recent(start, n_prefix)
+            self.write(k, v, start)
+            return torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2)
+        self.write(k, v, start)
+        return k, v
+
 
 @functools.lru_cache(maxsize=8)
 def _sliding_block_mask(window: int, seq_len: int, device: torch.device):
@@ -175,34 +198,20 @@ class SlidingWindowAttention(GroupedQueryAttention):
         self.block_size = cfg.block_size or min(cfg.window, 128)
 
     def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
-        B, T, _ = x.shape
-        start = ctx.start_pos
+        T = x.shape[1]
         q, k, v = self.project(x, ctx)
         if cache is None:
             return self.out_proj(self.attend(q, k, v, 0, ctx))
         assert isinstance(cache, RollingKVCache)
-        if cache.slots < self.window and start + T > cache.slots:
-            raise RuntimeError(f"sliding-window cache holds {cache.slots} positions; writing up to {start + T}")
-        if T == 1:
-            # The buffer, once written, holds exactly the visible keys (in slot order, which
-            # softmax attention does not care about): no mask, no gather.
-            cache.write(k, v, start)
-            filled = min(start + 1, cache.slots)
-            mask = None
-            if ctx.key_padding_mask is not None:  # slot s holds the latest position p <= start with p % W == s
-                slot = torch.arange(filled, device=x.device)
-                mask = ctx.key_padding_mask[:, start - (start - slot) % cache.slots].view(B, 1, 1, filled)
-            y = sdpa(q, cache.k[:, :, :filled], cache.v[:, :, :filled], attn_mask=mask)
-            return self.out_proj(y.transpose(1, 2).reshape(B, 1, -1))
-        # Chunked prefill: the cached keys the first new token can still see, then the new ones.
-        n_prefix = min(start, self.window - 1)
-        if n_prefix > 0:
-            k_prev, v_prev = cache.recent(start, n_prefix)
-            y = self.attend(q, torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2), n_prefix, ctx)
-        else:
-            y = self.attend(q, k, v, 0, ctx)
-        cache.write(k, v, start)  # after reading: the new tokens may overwrite the prefix's slots
-        return self.out_proj(y)
+        start = ctx.start_pos
+        k, v = cache.extend(k, v, start, self.window)
+        if T == 1 and ctx.key_padding_mask is not None:
+            # one token gets the buffer in slot order: slot s holds the latest position p <= start with p % W == s
+            filled = k.shape[2]
+            slot = torch.arange(filled, device=x.device)
+            mask = ctx.key_padding_mask[:, start - (start - slot) % cache.slots].view(x.shape[0], 1, 1, filled)
+            return self.out_proj(sdpa(q, k, v, attn_mask=mask).transpose(1, 2).reshape(x.shape[0], 1, -1))
+        return self.out_proj(self.attend(q, k, v, k.shape[2] - T, ctx))
 
     def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
         """One token over the rolling buffer: once written, its slots hold exactly the visible keys
@@ -230,7 +239,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
                                     key_padding_mask=None if padding is None else padding[:, start - n_prefix:start + T])
         if use_flex_attention(q.device, n_prefix, self.dropout_p):
             block_mask = _sliding_block_mask(self.window, T, q.device)
-            y = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=self.n_kv_heads != H)
+            y = _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
             return y.transpose(1, 2).reshape(B, T, H * D)
         return banded_attention(q, k, v, self.window, n_prefix, self.block_size, self.dropout_p)
 
