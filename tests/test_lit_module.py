@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from attnlab.lit_module import LitLM
+from attnlab.recipe import lr_schedule
 from tests.conftest import TINY_MODEL
 
 
@@ -22,6 +23,39 @@ def test_weight_decay_only_on_matrices():
     assert "blocks.0.attn.qkv_proj.weight" in decayed and "lm_head.weight" in decayed
     assert {"tok_emb.weight", "pos_emb.weight", "blocks.0.attn_norm.weight", "blocks.0.attn.qkv_proj.bias"} <= not_decayed
     assert len(decayed) + len(not_decayed) == len(list(module.parameters()))
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 4.0])
+def test_router_lr_multiplier_group_keeps_the_decay_rule_and_follows_the_schedule(multiplier):
+    """MoH's router weights (a matrix per layer) get ``lr * multiplier`` and still decay; every other
+    parameter stays in the two usual groups; the schedule scales each group's own learning rate.
+    A multiplier of 1 keeps exactly the two groups."""
+    optim = {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 5, "fused": False}
+    module = LitLM({**TINY_MODEL, "bias": True, "pos_encoding": "learned", "tie_embeddings": False},
+                   {"name": "moh", "router_lr_multiplier": multiplier}, optim)
+    module.trainer = _FakeTrainer()  # type: ignore[assignment]
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    groups = {g.get("name", "decay" if g["weight_decay"] else "no_decay"): g for g in optimizer.param_groups}
+    members = {key: {names[id(p)] for p in g["params"]} for key, g in groups.items()}
+    routers = {n for n in names.values() if ".attn.router." in n}
+    matrices = {n for n, p in module.model.named_parameters() if p.dim() >= 2 and "emb" not in n}
+    assert len(routers) == TINY_MODEL["n_layers"]
+    if multiplier == 1.0:
+        assert set(groups) == {"decay", "no_decay"} and routers <= members["decay"]
+    else:
+        assert set(groups) == {"decay", "no_decay", "router"} and members["router"] == routers
+        assert groups["router"]["weight_decay"] == 0.1
+        assert members["decay"] == matrices - routers
+    assert members["no_decay"] == set(names.values()) - matrices
+    for step in range(8):  # warm-up and the start of the cosine
+        factor = lr_schedule(module.optim_cfg, _FakeTrainer.max_steps)(step)
+        for key, group in groups.items():
+            expected = 1e-3 * (multiplier if key == "router" else 1.0) * factor
+            assert group["lr"] == pytest.approx(expected, rel=1e-12), (key, step)
+        optimizer.step()
+        scheduler.step()
 
 
 def test_aux_losses_are_added_to_the_task_loss(monkeypatch):

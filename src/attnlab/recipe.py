@@ -1,6 +1,7 @@
 """What a training run is built from, in one place for ``train.py`` and the benchmark: the model
 (its attention resolved once and its parameters matched to a reference), the optimizer (AdamW
-with decay and no-decay groups), the learning-rate schedule and the loss that is minimised."""
+with decay and no-decay groups, and groups for mechanisms' own learning rates), the
+learning-rate schedule and the loss that is minimised."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from attnlab.attention import AttentionSpec, resolve_layer_attention
+from attnlab.attention import Attention, AttentionSpec, resolve_layer_attention
 from attnlab.config import ModelConfig, OptimConfig, from_dict
 
 
@@ -76,20 +77,40 @@ def match_parameters(model: ModelConfig, attention: list[AttentionSpec], referen
             "relative_diff": (params - target) / target}
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW's two groups: matrices decay; norms, biases, gates and embeddings do not."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """AdamW's groups: matrices decay; norms, biases, gates and embeddings do not. Parameters that
+    a mechanism hints at (:meth:`~attnlab.attention.Attention.parameter_group_hints`) with a
+    learning-rate multiplier other than 1 get groups of their own, ``lr * multiplier``, split by the
+    same decay rule (named ``<hint>`` and ``<hint>/no_decay``); with none there are exactly the
+    two groups, so checkpoints of earlier runs still load. A schedule (``LambdaLR``) scales each
+    group's own learning rate."""
     embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
+    hinted: dict[int, tuple[str, float]] = {}
+    for module in model.modules():
+        if isinstance(module, Attention):
+            for hint in module.parameter_group_hints():
+                if hint.lr_multiplier != 1.0:
+                    hinted.update({id(p): (hint.name, hint.lr_multiplier) for p in hint.params})
+    # (hint name, multiplier, decays) -> parameters; the two plain groups first, even when empty
+    groups: dict[tuple[str, float, bool], list[torch.nn.Parameter]] = {("", 1.0, True): [], ("", 1.0, False): []}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            name, multiplier = hinted.get(id(p), ("", 1.0))
+            decays = p.dim() >= 2 and id(p) not in embedding_params
+            groups.setdefault((name, multiplier, decays), []).append(p)
+    out = []
+    for (name, multiplier, decays), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * multiplier}
+        if name:
+            group["name"] = name if decays else f"{name}/no_decay"
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """The AdamW every run trains with (fused wherever ``device`` supports it unless ``cfg.fused`` says)."""
     fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, fused=fused)
 
 

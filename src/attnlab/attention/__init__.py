@@ -19,6 +19,7 @@ from .base import (
     EmptyCache,
     KVCache,
     ModelCache,
+    ParameterGroupHint,
     causal_mask,
     mark_residual_projection,
     sdpa,

@@ -311,6 +311,17 @@ class ModelCache:
             self._static_addresses = True
 
 
+@dataclass(frozen=True)
+class ParameterGroupHint:
+    """Parameters of a mechanism that train with their own learning rate: ``lr_multiplier`` times
+    the run's (and its schedule's). The optimizer gives them a group of their own per ``name`` and
+    multiplier, split by the same weight-decay rule as every other parameter."""
+
+    name: str
+    params: tuple[nn.Parameter, ...]
+    lr_multiplier: float = 1.0
+
+
 class Attention(nn.Module):
     """Base class of all token-mixing mechanisms. See the module docstring for the contract."""
 
@@ -382,6 +393,11 @@ class Attention(nn.Module):
         """Re-initialise parameters that the generic GPT-2 init must not touch (gates, decays...).
 
         Called by the model after its normal(0, 0.02) initialisation of every Linear/Embedding."""
+
+    def parameter_group_hints(self) -> list[ParameterGroupHint]:
+        """Parameters that want other optimizer settings than the rest (a router's learning rate);
+        read by :func:`attnlab.recipe.parameter_groups`. None by default."""
+        return []
 
     @property
     def dropout_p(self) -> float:
