@@ -48,9 +48,10 @@ def explicit_softmax(values: list[float]) -> list[float]:
     return [e / sum(exps) for e in exps]
 
 
-def naive_head_weights(x, attn) -> torch.Tensor:
+def naive_head_weights(x, attn, dense: bool = False) -> torch.Tensor:
     """``(B, T, H)`` head weights ``g``, one token at a time, from the paper's equations (with the
-    factors that give weight 1 per head under uniform routing)."""
+    factors that give weight 1 per head under uniform routing); ``dense``: the router warm-up's,
+    every routed head selected."""
     B, T, _ = x.shape
     H, n_s, E, k = attn.n_heads, attn.n_shared, attn.n_routed, attn.top_k
     g = torch.zeros(B, T, H, dtype=x.dtype)
@@ -64,6 +65,8 @@ def naive_head_weights(x, attn) -> torch.Tensor:
         for t in range(T):
             xt = x[b, t]
             scores = (w_r @ xt).tolist() if w_r is not None else [0.0]
+            if dense:
+                k = E
             chosen = sorted(range(E), key=lambda i: -scores[i])[:k]
             routed = explicit_softmax([scores[i] for i in chosen])
             if n_s == 0:
@@ -80,8 +83,8 @@ def naive_head_weights(x, attn) -> torch.Tensor:
 
 
 def naive_heads(x, attn, rope=None) -> torch.Tensor:
-    """``(B, T, H, D)``: each head's causal softmax attention, by loops over heads and positions.
-    Query head ``h`` reads KV head ``h // (H / H_kv)``."""
+    """``(B, T, H, D)``: each head's causal softmax attention, by loops over heads and positions,
+    over keys ``t - window < s <= t`` with a window. Query head ``h`` reads KV head ``h // (H / H_kv)``."""
     B, T, _ = x.shape
     H, H_kv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     w_q, w_k, w_v = attn.qkv_proj.weight.split([H * D, H_kv * D, H_kv * D])
@@ -95,15 +98,16 @@ def naive_heads(x, attn, rope=None) -> torch.Tensor:
         for h in range(H):
             kv = h // (H // H_kv)
             for t in range(T):
-                scores = torch.stack([q[b, h, t] @ k[b, kv, s] for s in range(t + 1)]) / math.sqrt(D)
+                first = 0 if attn.window is None else max(0, t - attn.window + 1)
+                scores = torch.stack([q[b, h, t] @ k[b, kv, s] for s in range(first, t + 1)]) / math.sqrt(D)
                 weights = torch.softmax(scores, dim=0)
-                out[b, t, h] = (weights[:, None] * v[b, kv, : t + 1]).sum(0)
+                out[b, t, h] = (weights[:, None] * v[b, kv, first:t + 1]).sum(0)
     return out
 
 
-def naive_moh(x, attn, rope=None) -> torch.Tensor:
+def naive_moh(x, attn, rope=None, dense: bool = False) -> torch.Tensor:
     """``y_t = sum_i g_i(x_t) head_i(t) W_O^i``, ``W_O^i`` the columns of head ``i``."""
-    heads, g = naive_heads(x, attn, rope), naive_head_weights(x, attn)
+    heads, g = naive_heads(x, attn, rope), naive_head_weights(x, attn, dense)
     B, T, H, D = heads.shape
     w_o = attn.out_proj.weight
     y = torch.zeros(B, T, w_o.shape[0], dtype=x.dtype)
@@ -243,9 +247,9 @@ def spy_on_groups(attn, monkeypatch) -> set[int]:
     computed: set[int] = set()
     original = attn.attend_groups
 
-    def spy(q, k, v, ctx, first, end):
+    def spy(q, k, v, ctx, n_prefix, first, end):
         computed.update(range(first, end))
-        return original(q, k, v, ctx, first, end)
+        return original(q, k, v, ctx, n_prefix, first, end)
 
     monkeypatch.setattr(attn, "attend_groups", spy)
     return computed
@@ -497,6 +501,135 @@ def test_aux_loss_reaches_the_total_loss_and_every_router_gets_gradients():
         assert block.abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------- training options
+def test_router_warm_up_activates_every_head_with_dense_weights_then_routes_top_k():
+    attn = build(router_warmup_steps=3).train()
+    sharpen_router(attn)
+    x = torch.randn(2, 9, C, dtype=torch.float64)
+    rope = RotaryEmbedding()
+    losses = {}
+    for step, dense in [(0, True), (2, True), (3, False), (10, False)]:
+        ctx = AttentionContext(rope, record_stats=True, training=True, step=step)
+        got = attn(x, ctx)
+        torch.testing.assert_close(got, naive_moh(x, attn, rope, dense=dense), atol=1e-10, rtol=1e-9)
+        frequencies = torch.stack([ctx.stats[f"head_frequency/{j}"] for j in range(attn.n_routed)])
+        if dense:  # the switch shows in the statistics
+            assert frequencies.eq(1.0).all() and ctx.stats["dense_routing"] == 1.0
+        else:
+            torch.testing.assert_close(frequencies.sum(), torch.tensor(float(attn.top_k)))
+            assert ctx.stats["dense_routing"] == 0.0
+        losses[step] = ctx.aux_losses["load_balance"]
+    # the load-balance loss balances the top-k choice the router makes, warm-up or not
+    torch.testing.assert_close(losses[0], losses[3], atol=0, rtol=0)
+    # evaluation (and decoding) route top-k from the first step; so does training without a step
+    torch.testing.assert_close(attn.eval()(x, AttentionContext(rope, step=0)), naive_moh(x, attn, rope),
+                               atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(attn.train()(x, AttentionContext(rope, training=True)), naive_moh(x, attn, rope),
+                               atol=1e-10, rtol=1e-9)
+
+
+def test_router_warm_up_switch_is_in_the_model_statistics():
+    model = GPT.from_config(TINY_MODEL, {"name": "moh", "router_warmup_steps": 2}).train()
+    idx = torch.randint(0, 97, (2, 10))
+    for step, dense in [(1, 1.0), (2, 0.0)]:
+        stats = model(idx, record_stats=True, step=step).stats
+        assert stats["layer0/dense_routing"] == dense
+        assert (stats["layer1/head_active"].mean() == 1.0) == bool(dense)
+
+
+def test_straight_through_gates_keep_the_forward_and_take_the_dense_softmax_gradient():
+    torch.manual_seed(0)
+    E, k = 6, 4
+    logits = torch.randn(3, 5, E, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(3, 5, E, dtype=torch.float64)
+    plain, selected = moh_module.top_k_gates(logits, k)
+    straight, st_selected = moh_module.top_k_gates(logits, k, straight_through=True)
+    assert torch.equal(straight, plain) and torch.equal(st_selected, selected)
+    (grad,) = torch.autograd.grad(straight, logits, cotangent)
+    # closed form of the dense weights' vector-Jacobian product: d(E p)/dz^T c = E p (c - <p, c>)
+    p = torch.softmax(logits.detach(), dim=-1)
+    torch.testing.assert_close(grad, E * p * (cotangent - (p * cotangent).sum(-1, keepdim=True)),
+                               atol=1e-13, rtol=1e-12)
+    (plain_grad,) = torch.autograd.grad(plain, logits, cotangent)
+    assert plain_grad[~selected].abs().max() == 0 and grad[~selected].abs().min() > 0
+
+
+def test_straight_through_layer_has_the_same_output_and_trains_unselected_heads_logits():
+    x = torch.randn(2, 9, C, dtype=torch.float64)
+    outputs, grads = {}, {}
+    for straight_through in (False, True):
+        torch.manual_seed(0)
+        attn = build(straight_through=straight_through).train()
+        sharpen_router(attn)
+        outputs[straight_through] = attn(x, AttentionContext(None, training=True))
+        (grads[straight_through],) = torch.autograd.grad(outputs[straight_through].square().sum(), attn.router.weight)
+    assert torch.equal(outputs[True], outputs[False])
+    E = attn.n_routed
+    assert not torch.allclose(grads[True][:E], grads[False][:E])
+    torch.testing.assert_close(grads[True][E:], grads[False][E:], atol=1e-12, rtol=1e-10)  # W_s, W_h as before
+
+
+def test_router_lr_multiplier_is_a_parameter_group_hint_only_with_a_router():
+    attn = build(router_lr_multiplier=3.0)
+    (hint,) = attn.parameter_group_hints()
+    assert hint.name == "router" and hint.lr_multiplier == 3.0 and hint.params == (attn.router.weight,)
+    assert build("all", router_lr_multiplier=3.0).parameter_group_hints() == []
+
+
+# ----------------------------------------------------------------------------- window
+@pytest.mark.parametrize("routing", ["router", "static", "all"])
+@pytest.mark.parametrize("window", [1, 4, 7, 40])
+def test_windowed_heads_match_naive_reference(routing, window):
+    """T=21 over windows of 1, 4 and 7 (the sliding mechanism's blocked band) and 40 (causal)."""
+    attn = build(routing, window=window)
+    if attn.router is not None:
+        sharpen_router(attn)
+    x = torch.randn(2, 21, C, dtype=torch.float64)
+    rope = RotaryEmbedding()
+    torch.testing.assert_close(attn(x, AttentionContext(rope)), naive_moh(x, attn, rope), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("routing", ["router", "all"])
+@pytest.mark.parametrize("batch_size,skip_heads_from", [(1, 0), (1, 16384), (3, 0)])
+def test_windowed_decoding_equals_full_forward(routing, batch_size, skip_heads_from):
+    """Prefill, a chunk and single tokens through the rolling buffer (window 4, so it wraps), and
+    the static step; the cache holds the window's tokens only."""
+    attn = build(routing, window=4, skip_heads_from=skip_heads_from)
+    if attn.router is not None:
+        sharpen_router(attn)
+    x = torch.randn(batch_size, 16, C, dtype=torch.float64)
+    rope = RotaryEmbedding()
+    full = attn(x, AttentionContext(rope))
+    cache = attn.init_cache(batch_size, 16, None, torch.float64)
+    parts, start = [], 0
+    for length in (5, 3) + (1,) * 8:
+        parts.append(attn(x[:, start:start + length], AttentionContext(rope, start_pos=start), cache))
+        start += length
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-12, rtol=1e-10)
+    assert cache.nbytes() == attn.cache_bytes(batch_size, 16, torch.float64) == 2 * batch_size * 4 * 8 * 4 * 8
+    static_cache = attn.init_cache(batch_size, 16, None, torch.float64)
+    steps = [attn.decode_step(x[:, t:t + 1], AttentionContext(rope, start_pos=torch.tensor(t)), static_cache)
+             for t in range(16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-12, rtol=1e-10)
+
+
+def test_all_heads_with_a_window_is_sliding_with_the_same_weights():
+    attn = build("all", window=5)
+    model = ModelConfig(**{**TINY_MODEL, "n_heads": 8})
+    sliding = resolve_attention({"name": "sliding", "n_kv_heads": 4, "window": 5}, model).build(model, 0).double().eval()
+    sliding.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 19, C, dtype=torch.float64)
+    ctx = AttentionContext(RotaryEmbedding())
+    torch.testing.assert_close(attn(x, ctx), sliding(x, ctx), atol=1e-12, rtol=1e-10)
+
+
+def test_window_presets_are_moh_with_a_256_token_window():
+    model = ModelConfig(**TINY_MODEL)
+    routed = resolve_attention("moh_window_256", model).build(model, 0)
+    every = resolve_attention("moh_all_window_256", model).build(model, 0)
+    assert (routed.routing, routed.window, every.routing, every.window) == ("router", 256, "all", 256)
+
+
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("options,message", [
     (dict(n_heads=6), r"attention\.n_heads=6: must divide model\.d_model"),
@@ -511,6 +644,10 @@ def test_aux_loss_reaches_the_total_loss_and_every_router_gets_gradients():
     (dict(routing="dense"), r"attention\.routing='dense'; allowed: router \| static \| all"),
     (dict(load_balance_weight=-0.1), r"attention\.load_balance_weight=-0\.1; allowed: a number >= 0"),
     (dict(skip_heads_from=-1), r"attention\.skip_heads_from=-1; allowed: a number of cached tokens >= 0"),
+    (dict(router_warmup_steps=-1), r"attention\.router_warmup_steps=-1; allowed: an integer >= 0"),
+    (dict(router_lr_multiplier=0.0), r"attention\.router_lr_multiplier=0\.0; allowed: a number > 0"),
+    (dict(straight_through="yes"), r"attention\.straight_through='yes'; allowed: true \| false"),
+    (dict(window=0), r"attention\.window=0; allowed: an integer >= 1, or null for the whole causal context"),
 ])
 def test_config_errors_name_the_field(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -30,6 +30,24 @@ uniform and ``E / top_k`` when every token puts all its probability on the same 
 (the authors' code computes ``top_k`` times this). It reaches the training loss as
 ``load_balance_weight * L_b`` per layer (``ctx.add_aux_loss("load_balance", ...)``).
 
+Training options of ``routing=router`` (all off by default):
+
+* ``router_warmup_steps``: for the first training steps (``AttentionContext.step``) every head is
+  active and the routed ones are weighted densely, ``g_i = 2 a2 * E * softmax(W_r x_t)_i`` (1 per
+  head under uniform routing, like the top-k weights), so the router and every head train before
+  the selection starts; the load-balance loss keeps balancing the top-k choice the router would
+  make. The statistics show the switch: every ``head_frequency`` is 1 and ``dense_routing`` is 1
+  during the warm-up. Evaluation and decoding always route top-k.
+* ``router_lr_multiplier``: the router's weights form an optimizer group of their own with
+  ``lr * router_lr_multiplier`` (:meth:`parameter_group_hints`); decay follows the usual rule.
+* ``straight_through``: the top-k weights in the forward, the gradient of the dense weights
+  ``E * softmax(W_r x_t)`` in the backward (:func:`top_k_gates`), so the logits of the heads a
+  token did not select learn from those heads' outputs, which training computes anyway.
+
+``window``: every head attends within a sliding window, keys ``t - window < s <= t``, through the
+``sliding`` mechanism's attention core and its rolling cache of ``min(window, context)`` tokens;
+routing is unchanged (``routing=all`` with a window is ``sliding`` with these heads).
+
 ``routing``: ``router`` (the above), ``static`` (heads ``0 .. n_shared_heads + top_k - 1`` always
 active with weight 1: static head pruning, no router) or ``all`` (every head, weight 1: exactly
 GQA with ``n_heads`` / ``n_kv_heads`` heads and the same q/k/v/o weights).
@@ -37,7 +55,8 @@ GQA with ``n_heads`` / ``n_kv_heads`` heads and the same q/k/v/o weights).
 Heads and cache: MoH has its own ``n_heads`` (``head_dim = d_model / n_heads``), grouped onto
 ``n_kv_heads`` key/value heads as in GQA: query head ``h`` reads KV head ``h // (n_heads /
 n_kv_heads)``. Any later token may activate any head, so the cache holds K/V of every KV head:
-``2 * n_kv_heads * head_dim`` values per token and layer. What is computed:
+``2 * n_kv_heads * head_dim`` values per token and layer (of the last ``window`` tokens with a
+window). What is computed:
 
 * Decoding one sequence (a single token): from ``skip_heads_from`` cached tokens on, exactly the
   active query heads are computed (:func:`~attnlab.attention._moh_decode.attend_heads`, which
@@ -81,14 +100,29 @@ from .base import (
     AttentionConfig,
     AttentionContext,
     KVCache,
+    ParameterGroupHint,
     mark_residual_projection,
     sdpa,
     sdpa_in_context,
 )
 from .gqa import GroupedQueryAttention
 from .registry import register_attention
+from .sliding import RollingKVCache, SlidingWindowAttention
 
 ROUTINGS = ("router", "static", "all")
+
+
+def top_k_gates(logits: Tensor, top_k: int, straight_through: bool = False) -> tuple[Tensor, Tensor]:
+    """Routed heads' weights from their router ``logits`` ``(..., E)``: ``top_k * softmax`` over each
+    token's ``top_k`` highest logits, 0 for the others; and that selection ``(..., E)`` bool.
+    ``straight_through``: the same values, differentiated as the dense ``E * softmax(logits)``."""
+    chosen = logits.topk(top_k, dim=-1).indices
+    selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
+    gates = top_k * logits.masked_fill(~selected, float("-inf")).softmax(-1)
+    if straight_through:
+        dense = logits.shape[-1] * logits.softmax(-1)
+        gates = gates.detach() + (dense - dense.detach())  # ``dense - dense.detach()`` is exactly 0
+    return gates, selected
 
 
 @dataclass
@@ -109,6 +143,17 @@ class MoHConfig(AttentionConfig):
     #: tokens; below, every KV group an active head needs, in fewer and larger kernel calls (on
     #: 2 CPU cores the extra calls cost more than the skipped heads save below ~16k tokens).
     skip_heads_from: int = 16384
+    #: Training steps of dense routing (``routing=router``): every head active, the routed ones
+    #: weighted ``E * softmax(W_r x)`` (1 each under uniform routing); top-k routing after.
+    router_warmup_steps: int = 0
+    #: The router's learning rate as a multiple of the run's (an optimizer group of its own).
+    router_lr_multiplier: float = 1.0
+    #: Straight-through top-k gates: the forward as without, the backward as if the routed heads
+    #: were weighted by the dense ``E * softmax(W_r x)``, so unselected heads' logits learn too.
+    straight_through: bool = False
+    #: Every head attends within a sliding window (keys ``t - window < s <= t``; the ``sliding``
+    #: mechanism's kernels and rolling cache); null: over the whole causal context.
+    window: int | None = None
 
     def validate(self, model: ModelConfig, field: str) -> None:
         require(self.n_heads >= 1 and model.d_model % self.n_heads == 0, f"{field}.n_heads", self.n_heads,
@@ -133,6 +178,14 @@ class MoHConfig(AttentionConfig):
                 "a number >= 0")
         require(self.skip_heads_from >= 0, f"{field}.skip_heads_from", self.skip_heads_from,
                 "a number of cached tokens >= 0")
+        require(isinstance(self.router_warmup_steps, int) and self.router_warmup_steps >= 0,
+                f"{field}.router_warmup_steps", self.router_warmup_steps, "an integer >= 0")
+        require(self.router_lr_multiplier > 0, f"{field}.router_lr_multiplier", self.router_lr_multiplier,
+                "a number > 0")
+        require(isinstance(self.straight_through, bool), f"{field}.straight_through", self.straight_through,
+                "true | false")
+        require(self.window is None or (isinstance(self.window, int) and self.window >= 1), f"{field}.window",
+                self.window, "an integer >= 1, or null for the whole causal context")
 
 
 @register_attention("moh")
@@ -154,6 +207,11 @@ class MixtureOfHeadsAttention(Attention):
         self.n_routed = cfg.n_heads - cfg.n_shared_heads
         self.top_k = cfg.top_k
         self.load_balance_weight = cfg.load_balance_weight
+        self.router_warmup_steps = cfg.router_warmup_steps
+        self.straight_through = cfg.straight_through
+        self.window = cfg.window
+        if self.window is not None:
+            self.block_size = min(self.window, 128)  # the sliding mechanism's default query block
 
         # q/k/v/o exactly as GroupedQueryAttention names and lays them out (routing=all is GQA)
         q_dim = self.n_heads * self.head_dim
@@ -191,16 +249,15 @@ class MixtureOfHeadsAttention(Attention):
             logits = x.new_zeros(B, T, 0, dtype=torch.promote_types(x.dtype, torch.float32))
         routed_logits, shared_logits, type_logits = logits.split(self.router_split, dim=-1)
         ones = logits.new_ones(B, T, 1)
+        dense = self.dense_routing(ctx)
         if self.n_routed > 1:
             probs = routed_logits.softmax(-1)
-            chosen = routed_logits.topk(self.top_k, dim=-1).indices
-            selected = torch.zeros_like(routed_logits, dtype=torch.bool).scatter_(-1, chosen, True)
-            # softmax over the selected heads only
-            routed = routed_logits.masked_fill(~selected, float("-inf")).softmax(-1)
+            g_routed, selected = top_k_gates(routed_logits, self.top_k, self.straight_through and not dense)
+            if dense:  # warm-up: every routed head; the loss below still balances the top-k choice
+                g_routed = self.n_routed * probs
         else:  # a single routed head: always selected, all of its type's weight
-            probs = routed = ones
+            probs = g_routed = ones
             selected = ones.bool()
-        g_routed = self.top_k * routed
         if self.n_shared:
             shared = shared_logits.softmax(-1) if self.n_shared > 1 else ones
             balance = type_logits.softmax(-1)  # (B, T, 2): [a1, a2]
@@ -214,12 +271,29 @@ class MixtureOfHeadsAttention(Attention):
             frequency = selected.float().mean(dim=(0, 1))  # f_i, (E,)
             balance_loss = self.n_routed / self.top_k * (frequency * probs.mean(dim=(0, 1))).sum()
             ctx.add_aux_loss("load_balance", self.load_balance_weight * balance_loss)
+        if dense:
+            selected = torch.ones_like(selected)
         if ctx.recording:
             self.record_selection(ctx, selected)
+            ctx.record("dense_routing", logits.new_tensor(float(dense)))
             ctx.record("routing_entropy", torch.special.entr(probs).sum(-1).mean())
             ctx.record("shared_weight", balance[..., 0].mean())
             ctx.record("routed_weight", balance[..., 1].mean())
         return gates, selected
+
+    def dense_routing(self, ctx: AttentionContext) -> bool:
+        """Whether this is a training step of the router warm-up (every head active)."""
+        return ctx.training and ctx.step is not None and ctx.step < self.router_warmup_steps
+
+    def structure_issue(self, structure: str) -> str | None:
+        if self.window is not None and structure == "cross_attention":
+            return SlidingWindowAttention.unsupported_reasons["cross_attention"]
+        return super().structure_issue(structure)
+
+    def parameter_group_hints(self) -> list[ParameterGroupHint]:
+        if self.router is None:
+            return []
+        return [ParameterGroupHint("router", tuple(self.router.parameters()), self.cfg.router_lr_multiplier)]
 
     def head_gates(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor | None, Tensor]:
         """The head weights of ``x`` ``(B, T, C)`` for every routing, ``(B, T, H)`` or ``(H,)`` (None:
@@ -258,27 +332,41 @@ class MixtureOfHeadsAttention(Attention):
     #: ``k, v (B, H_kv, T, D)``.
     project = GroupedQueryAttention.project
 
-    def attend_groups(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, first: int, end: int) -> Tensor:
-        """Attention (causal unless ``ctx`` says otherwise) of the query heads of KV groups
-        ``first .. end-1``: ``(B, (end-first)*G, T, D)``."""
-        G = self.group_size
-        return sdpa_in_context(q[:, first * G:end * G], k[:, first:end], v[:, first:end], ctx, ctx.start_pos,
-                               self.dropout_p)
+    #: With a ``window``: the sliding mechanism's attention core, ``q`` ``(B, H, T, D)`` over ``k, v``
+    #: ``(B, H_kv, n_prefix + T, D)`` -> ``(B, T, H * D)`` (flex attention or the blocked band).
+    window_attend = SlidingWindowAttention.attend
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, groups: list[bool]) -> Tensor:
+    def attend_groups(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, n_prefix: int, first: int,
+                      end: int) -> Tensor:
+        """Attention (causal unless ``ctx`` says otherwise, within the window if there is one) of the
+        query heads of KV groups ``first .. end-1`` over keys whose first ``n_prefix`` precede the
+        queries' own: ``(B, (end-first)*G, T, D)``."""
+        G = self.group_size
+        q, k, v = q[:, first * G:end * G], k[:, first:end], v[:, first:end]
+        if self.window is None:
+            return sdpa_in_context(q, k, v, ctx, ctx.start_pos, self.dropout_p)
+        B, H, T, D = q.shape
+        return self.window_attend(q, k, v, n_prefix, ctx).reshape(B, T, H, D).transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, n_prefix: int,
+               groups: list[bool]) -> Tensor:
         """Attention ``(B, H, T, D)`` for the groups flagged in ``groups`` ``(H_kv,)``; zeros elsewhere."""
         runs = contiguous_runs(groups)
         if runs == [(0, self.n_kv_heads)]:
-            return self.attend_groups(q, k, v, ctx, 0, self.n_kv_heads)
+            return self.attend_groups(q, k, v, ctx, n_prefix, 0, self.n_kv_heads)
         y = q.new_zeros(q.shape)
         for first, end in runs:
-            y[:, first * self.group_size:end * self.group_size] = self.attend_groups(q, k, v, ctx, first, end)
+            y[:, first * self.group_size:end * self.group_size] = self.attend_groups(q, k, v, ctx, n_prefix, first, end)
         return y
 
     def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, ctx)
-        if cache is not None:
+        if isinstance(cache, RollingKVCache):  # the keys the window shows the new tokens
+            k, v = cache.extend(k, v, ctx.start_pos, self.window)
+            if T == 1 and ctx.key_padding_mask is not None:  # one token's are in slot order; flags by position
+                k, v = cache.recent(ctx.start_pos + 1, k.shape[2])
+        elif cache is not None:
             assert isinstance(cache, KVCache)
             k, v = cache.update(k, v, ctx.start_pos)
 
@@ -288,7 +376,7 @@ class MixtureOfHeadsAttention(Attention):
             # decoding one sequence at a long context: only the active heads computed
             y = attend_heads(q, k, v, active.view(-1).nonzero().flatten().tolist(), self.group_size)
         else:
-            y = self.attend(q, k, v, ctx, self.needed_groups(active, ctx))
+            y = self.attend(q, k, v, ctx, k.shape[2] - T, self.needed_groups(active, ctx))
         y = y.transpose(1, 2)  # (B, T, H, D)
         if gates is not None:
             y = y * gates.to(y.dtype).unsqueeze(-1)
@@ -297,8 +385,9 @@ class MixtureOfHeadsAttention(Attention):
     def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
         """The static step (compiled decoding): every head over the whole cache, weighted by the
         gates (0 for inactive heads), none of the per-active-set kernel calls of :meth:`forward`'s
-        single-sequence path, whose Python control flow depends on the routing of each token."""
-        assert isinstance(cache, KVCache)
+        single-sequence path, whose Python control flow depends on the routing of each token.
+        With a ``window`` the rolling buffer's slots hold exactly the visible keys once written."""
+        assert isinstance(cache, (KVCache, RollingKVCache))
         B = x.shape[0]
         q, k, v = self.project(x, ctx)
         k, v = cache.update_at(k, v, ctx.start_pos)
@@ -309,9 +398,12 @@ class MixtureOfHeadsAttention(Attention):
             y = y * gates.to(y.dtype).unsqueeze(-1)
         return self.out_proj(y.reshape(B, 1, -1))
 
-    def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
+    def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> KVCache | RollingKVCache:
+        if self.window is not None:
+            return RollingKVCache(batch_size, self.n_kv_heads, min(self.window, max_len), self.head_dim, device, dtype)
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, self.head_dim, device, dtype)
 
     def cache_bytes(self, batch_size: int, context_len: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * batch_size * self.n_kv_heads * self.head_dim * context_len * element
+        held = context_len if self.window is None else min(self.window, context_len)
+        return 2 * batch_size * self.n_kv_heads * self.head_dim * held * element
