@@ -224,10 +224,12 @@ def test_router_parameters_are_one_row_per_router_output():
 # ----------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("routing", ["router", "static", "all"])
 @pytest.mark.parametrize("batch_size,skip_heads_from", [(1, 0), (1, 16384), (3, 0)])
-def test_cached_decoding_equals_full_forward(routing, batch_size, skip_heads_from):
+@pytest.mark.parametrize("window", [None, 4])
+def test_cached_decoding_equals_full_forward(routing, batch_size, skip_heads_from, window):
     """One sequence computes only its active heads from ``skip_heads_from`` cached tokens on;
-    below, and for a batch, the KV groups its tokens need."""
-    attn = build(routing, skip_heads_from=skip_heads_from)
+    below, and for a batch, the KV groups its tokens need. With a window of 4 the rolling buffer
+    wraps and holds the window's tokens only. The static step too."""
+    attn = build(routing, skip_heads_from=skip_heads_from, window=window)
     if attn.router is not None:
         sharpen_router(attn)
     x = torch.randn(batch_size, 16, C, dtype=torch.float64)
@@ -239,7 +241,12 @@ def test_cached_decoding_equals_full_forward(routing, batch_size, skip_heads_fro
         parts.append(attn(x[:, start:start + length], AttentionContext(rope, start_pos=start), cache))
         start += length
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-12, rtol=1e-10)
-    assert cache.nbytes() == attn.cache_bytes(batch_size, 16, torch.float64) == 2 * batch_size * 4 * 8 * 16 * 8
+    held = 16 if window is None else window
+    assert cache.nbytes() == attn.cache_bytes(batch_size, 16, torch.float64) == 2 * batch_size * 4 * 8 * held * 8
+    static_cache = attn.init_cache(batch_size, 16, None, torch.float64)
+    steps = [attn.decode_step(x[:, t:t + 1], AttentionContext(rope, start_pos=torch.tensor(t)), static_cache)
+             for t in range(16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-12, rtol=1e-10)
 
 
 def spy_on_groups(attn, monkeypatch) -> set[int]:
@@ -587,30 +594,6 @@ def test_windowed_heads_match_naive_reference(routing, window):
     x = torch.randn(2, 21, C, dtype=torch.float64)
     rope = RotaryEmbedding()
     torch.testing.assert_close(attn(x, AttentionContext(rope)), naive_moh(x, attn, rope), atol=1e-10, rtol=1e-9)
-
-
-@pytest.mark.parametrize("routing", ["router", "all"])
-@pytest.mark.parametrize("batch_size,skip_heads_from", [(1, 0), (1, 16384), (3, 0)])
-def test_windowed_decoding_equals_full_forward(routing, batch_size, skip_heads_from):
-    """Prefill, a chunk and single tokens through the rolling buffer (window 4, so it wraps), and
-    the static step; the cache holds the window's tokens only."""
-    attn = build(routing, window=4, skip_heads_from=skip_heads_from)
-    if attn.router is not None:
-        sharpen_router(attn)
-    x = torch.randn(batch_size, 16, C, dtype=torch.float64)
-    rope = RotaryEmbedding()
-    full = attn(x, AttentionContext(rope))
-    cache = attn.init_cache(batch_size, 16, None, torch.float64)
-    parts, start = [], 0
-    for length in (5, 3) + (1,) * 8:
-        parts.append(attn(x[:, start:start + length], AttentionContext(rope, start_pos=start), cache))
-        start += length
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-12, rtol=1e-10)
-    assert cache.nbytes() == attn.cache_bytes(batch_size, 16, torch.float64) == 2 * batch_size * 4 * 8 * 4 * 8
-    static_cache = attn.init_cache(batch_size, 16, None, torch.float64)
-    steps = [attn.decode_step(x[:, t:t + 1], AttentionContext(rope, start_pos=torch.tensor(t)), static_cache)
-             for t in range(16)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-12, rtol=1e-10)
 
 
 def test_all_heads_with_a_window_is_sliding_with_the_same_weights():
