@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attnlab.attention import AttentionContext, _moh_decode, resolve_attention
+from attnlab.attention import build as attention_build
 from attnlab.attention import moh as moh_module
 from attnlab.attention._moh_decode import contiguous_runs, plan_head_calls, strided_slices
 from attnlab.attention.moh import MixtureOfHeadsAttention
@@ -604,6 +605,46 @@ def test_all_heads_with_a_window_is_sliding_with_the_same_weights():
     x = torch.randn(2, 19, C, dtype=torch.float64)
     ctx = AttentionContext(RotaryEmbedding())
     torch.testing.assert_close(attn(x, ctx), sliding(x, ctx), atol=1e-12, rtol=1e-10)
+
+
+def windowed_layer(causal: bool = True, rope: bool = True):
+    torch.manual_seed(0)
+    spec = {"name": "moh", "window": 5, "n_kv_heads": 2, "n_shared_heads": 1, "top_k": 2}
+    return attention_build(spec, d_model=32, n_heads=4, causal=causal, rope=rope).double().eval()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_windowed_heads_under_key_padding_give_each_row_its_unpadded_output(causal):
+    """Window 5 over 40 tokens (the band, not plain attention): a padded row's real tokens equal
+    the row alone, without a cache and (causal) through the rolling cache, where a single token's
+    keys come in slot order."""
+    layer = windowed_layer(causal)
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, :3] = False
+    with torch.no_grad():
+        alone = layer(x[0:1, 3:])
+        torch.testing.assert_close(layer(x, key_padding_mask=mask)[0:1, 3:], alone, atol=1e-7, rtol=1e-5)
+        if causal:
+            cache = layer.init_cache(2, 40)
+            # single tokens from position 5 on, while padded positions are still inside the window
+            parts = [layer(x[:, :2], key_padding_mask=mask[:, :2], cache=cache),
+                     layer(x[:, 2:5], key_padding_mask=mask[:, :5], cache=cache)]
+            parts += [layer(x[:, t:t + 1], key_padding_mask=mask[:, :t + 1], cache=cache) for t in range(5, 40)]
+            torch.testing.assert_close(torch.cat(parts, dim=1)[0:1, 3:], alone, atol=1e-7, rtol=1e-5)
+
+
+def test_windowed_heads_are_a_two_sided_band_bidirectional_and_refuse_cross_attention():
+    layer, causal = windowed_layer(causal=False, rope=False), windowed_layer(rope=False)
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        torch.testing.assert_close(layer(x.flip(1)), y.flip(1), atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(y[:, -1], causal(x)[:, -1], atol=1e-10, rtol=1e-9)
+    assert "relates a sequence to itself" in layer.attention.structure_issue("cross_attention")
+    assert build(window=None).structure_issue("cross_attention") is None
+    with pytest.raises(ConfigError, match=r"^context="):
+        causal(x, context=x[:, :7])
 
 
 def test_window_presets_are_moh_with_a_256_token_window():
