@@ -46,7 +46,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "Attention", "AttentionCache", "AttentionConfig", "AttentionContext", "AttentionLayer", "AttentionSpec",
-    "EmptyCache", "KVCache", "ModelCache", "attention_options", "build", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
+    "EmptyCache", "KVCache", "ModelCache", "ParameterGroupHint", "attention_options", "build", "causal_mask", "get_registration", "load_preset", "mark_residual_projection", "preset_names",
     "register_attention", "registered_names", "resolve_attention", "resolve_layer_attention", "sdpa", "sdpa_causal",
     "sdpa_in_context", "STRUCTURES",
 ]
