@@ -156,6 +156,17 @@ def index_scores(index_q: Tensor, index_k: Tensor, index_w: Tensor) -> Tensor:
     return torch.einsum("bjts,btj->bts", per_head, index_w)
 
 
+def index_scores_one_query(index_q: Tensor, index_k: Tensor, index_w: Tensor) -> Tensor:
+    """:func:`index_scores` of one query per sequence, ``index_q`` ``(B, H_I, 1, D_I)`` -> ``(B, 1, S)``,
+    with the keys as the rows of the product, ``(B, S, D_I) @ (B, D_I, H_I)``. Compiled, that
+    stays a matrix kernel; the ``(H_I, 1) x S`` form was decomposed into a loop fused with the
+    cache write and the key's rotation, recomputed for every cached row (24 instead of ~500
+    decoded tokens/s for ``sparse_256`` at 4,096 cached tokens)."""
+    B, H_I, _, D_I = index_q.shape
+    per_head = torch.relu(index_k @ index_q.view(B, H_I, D_I).transpose(1, 2))  # (B, S, H_I)
+    return (per_head @ index_w.transpose(1, 2)).transpose(1, 2)
+
+
 def indexer_kl(target: Tensor, scores: Tensor, allowed: Tensor) -> Tensor:
     """Per-query ``KL(p || softmax(I))`` over the ``allowed`` positions.
 
@@ -281,7 +292,8 @@ class SparseAttention(GroupedQueryAttention):
             y = sdpa(q, k, v, attn_mask=visible)
         else:
             written = visible.view(1, 1, -1)
-            selected = select_top_k(index_scores(index_q, index_k, index_w), written, self.top_k)  # (B, 1, S_max)
+            selected = select_top_k(index_scores_one_query(index_q, index_k, index_w), written,
+                                     self.top_k)  # (B, 1, S_max)
             # exactly min(top_k, position + 1) ones: topk returns them first, then unselected rows
             # (value 0) that the mask hides
             chosen = selected.to(q.dtype).topk(self.top_k, dim=-1)
