@@ -269,3 +269,27 @@ def test_training_aux_losses_are_exposed():
     layer = build("moas", d_model=32, n_heads=4).train()
     layer(torch.randn(2, 6, 32))
     assert set(layer.aux_losses) == {"load_balance"}
+
+
+@pytest.mark.parametrize("name", ["moas", "moas_top1", "moh", "moh_window_256"])
+def test_padded_tokens_count_in_no_routing_loss_or_statistic(name):
+    """A router's load-balance loss and statistics over a padded batch are those of its real
+    tokens alone: the routers score each token by itself, so one unpadded row of the batch's
+    real tokens is the reference, whatever the padding holds."""
+    from attnlab.attention.base import AttentionContext
+
+    layer = _layer(f"preset:{name}").train()
+    x, mask = _padded_batch(T_real=36, left=3, right=2)
+    x[~mask] = 100.0 * torch.randn(int((~mask).sum()), D_MODEL, dtype=torch.float64)
+    real_only = x[mask].unsqueeze(0)
+    contexts = []
+    for inputs, padding in ((x, mask), (real_only, None)):
+        ctx = AttentionContext(None, record_stats=True, training=True, key_padding_mask=padding)
+        layer.attention(inputs, ctx)
+        contexts.append(ctx)
+    padded, reference = contexts
+    torch.testing.assert_close(padded.aux_losses["load_balance"], reference.aux_losses["load_balance"])
+    scalars = {key for key, value in reference.stats.items() if value.dim() == 0}
+    assert len(scalars) >= 3
+    for key in scalars:
+        torch.testing.assert_close(padded.stats[key], reference.stats[key], msg=key)

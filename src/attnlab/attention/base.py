@@ -110,6 +110,14 @@ class AttentionContext:
         """Causal self-attention without padding: what the GPT model runs, on the fused causal paths."""
         return self.causal and self.memory is None and self.key_padding_mask is None
 
+    def real_queries(self, q_len: int) -> Tensor | None:
+        """``(B, q_len)`` bool: which of this call's tokens (positions ``start_pos ..``) are real
+        under the key padding mask of a self-attention; None when all are (no mask, or the mask
+        covers a cross-attention's memory). Routers average their losses and statistics over these."""
+        if self.key_padding_mask is None or self.memory is not None:
+            return None
+        return self.key_padding_mask[:, self.start_pos:self.start_pos + q_len]
+
     def attention_mask(self, q_len: int, k_len: int, start: int, device: torch.device | str,
                        key_start: int = 0) -> Tensor | None:
         """Boolean mask broadcastable to ``(B, H, q_len, k_len)``, True where a query may see a key,
@@ -216,6 +224,15 @@ def causal_mask(q_len: int, k_len: int, start: int, device: torch.device | str) 
     q_pos = torch.arange(start, start + q_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     return k_pos <= q_pos
+
+
+def token_mean(values: Tensor, real: Tensor | None) -> Tensor:
+    """Mean of ``values`` ``(B, T, ...)`` over the batch and token axes, over the ``real`` ``(B, T)``
+    tokens only when given: ``(...)``."""
+    if real is None:
+        return values.mean(dim=(0, 1))
+    weights = real.to(values.dtype).view(*real.shape, *([1] * (values.dim() - 2)))
+    return (values * weights).sum(dim=(0, 1)) / weights.sum().clamp_min(1)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,

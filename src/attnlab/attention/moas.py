@@ -46,8 +46,8 @@ eagerly.
 Structures (bidirectional, cross-attention, key padding: :class:`~attnlab.attention.base.AttentionContext`)
 pass through to the branches, so a mixture supports those all its branches support. Sparse
 routing hides each row's unrouted tail from its routed tokens when they may look ahead
-(bidirectional), and never routes a padded token: no branch sees it (with or without a cache)
-and its output is 0.
+(bidirectional), and never routes a padded token: no branch sees it (with or without a cache),
+its output is 0, and the load-balance loss and routing statistics average over real tokens only.
 
 Parameters: the branches' sum; ``moas`` adds its router, ``C h + h n + n`` (``h`` the router
 width, ``n`` branches; with ``model.bias`` also ``h``).
@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig, require
 
-from .base import Attention, AttentionCache, AttentionConfig, AttentionContext
+from .base import Attention, AttentionCache, AttentionConfig, AttentionContext, token_mean
 from .registry import AttentionSpec, register_attention, resolve_attention
 
 
@@ -285,10 +285,11 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
     def forward(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache | None = None) -> Tensor:
         """``(B, T, C) -> (B, T, C)``: ``y_t = sum_i g_{t,i} O_{i,t}``."""
         probs, gates, chosen = self.route(x)
+        real = ctx.real_queries(x.shape[1])  # padded tokens count in neither the loss nor the statistics
         if ctx.training and self.load_balance_weight > 0:
-            ctx.add_aux_loss("load_balance", self.load_balance_weight * load_balance_loss(probs))
+            ctx.add_aux_loss("load_balance", self.load_balance_weight * load_balance_loss(probs, real))
         if ctx.recording:
-            self.record_routing(gates, ctx)
+            self.record_routing(gates, ctx, real)
         gates = gates.to(x.dtype)
         if not self.sparse:
             return self.mix_dense(x, ctx, cache, gates)
@@ -366,14 +367,13 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
             rows.append(y_row)
         return torch.stack(rows)
 
-    def record_routing(self, gates: Tensor, ctx: AttentionContext) -> None:
+    def record_routing(self, gates: Tensor, ctx: AttentionContext, real: Tensor | None = None) -> None:
         """Gates ``(B, T, n)``, their per-token entropy, and per scheme the mean gate and the
-        share of tokens whose largest gate it is."""
+        share of tokens whose largest gate it is (over the ``real`` ``(B, T)`` tokens when given)."""
         ctx.record("gates", gates)
-        ctx.record("gate_entropy", torch.special.entr(gates).sum(dim=-1).mean())
-        flat = gates.reshape(-1, gates.shape[-1])
-        mean_gate = flat.mean(dim=0)
-        top1_share = F.one_hot(flat.argmax(dim=-1), flat.shape[-1]).float().mean(dim=0)
+        ctx.record("gate_entropy", token_mean(torch.special.entr(gates).sum(dim=-1), real))
+        mean_gate = token_mean(gates, real)
+        top1_share = token_mean(F.one_hot(gates.argmax(dim=-1), gates.shape[-1]).float(), real)
         for i, name in enumerate(self.branch_names):
             ctx.record(f"gate_mean/{name}", mean_gate[i])
             ctx.record(f"top1_share/{name}", top1_share[i])
@@ -392,8 +392,9 @@ class MixtureOfAttentionSchemes(StaticMixtureOfAttentionSchemes):
         return batch_size * super().cache_bytes(1, context_len, dtype)
 
 
-def load_balance_loss(probs: Tensor) -> Tensor:
-    """``MSE(mean over tokens of probs, uniform)`` for ``probs`` ``(..., n)``: 0 when every scheme
-    gets the same average gate, largest when one scheme takes every token."""
-    usage = probs.reshape(-1, probs.shape[-1]).mean(dim=0)
+def load_balance_loss(probs: Tensor, real: Tensor | None = None) -> Tensor:
+    """``MSE(mean over tokens of probs, uniform)`` for ``probs`` ``(B, T, n)``: 0 when every scheme
+    gets the same average gate, largest when one scheme takes every token. ``real`` ``(B, T)``:
+    average over those tokens only (padding excluded)."""
+    usage = token_mean(probs, real)
     return F.mse_loss(usage, torch.full_like(usage, 1.0 / usage.numel()))

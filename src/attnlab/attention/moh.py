@@ -104,6 +104,7 @@ from .base import (
     mark_residual_projection,
     sdpa,
     sdpa_in_context,
+    token_mean,
 )
 from .gqa import GroupedQueryAttention
 from .registry import register_attention
@@ -267,18 +268,19 @@ class MixtureOfHeadsAttention(Attention):
             balance = torch.cat([torch.zeros_like(ones), ones], dim=-1)  # a1 = 0, a2 = 1
             gates = g_routed
 
+        real = ctx.real_queries(T)  # padded tokens count in neither the loss nor the statistics
         if ctx.training and self.n_routed > 1 and self.load_balance_weight > 0:
-            frequency = selected.float().mean(dim=(0, 1))  # f_i, (E,)
-            balance_loss = self.n_routed / self.top_k * (frequency * probs.mean(dim=(0, 1))).sum()
+            frequency = token_mean(selected.float(), real)  # f_i, (E,)
+            balance_loss = self.n_routed / self.top_k * (frequency * token_mean(probs, real)).sum()
             ctx.add_aux_loss("load_balance", self.load_balance_weight * balance_loss)
         if dense:
             selected = torch.ones_like(selected)
         if ctx.recording:
-            self.record_selection(ctx, selected)
+            self.record_selection(ctx, selected, real)
             ctx.record("dense_routing", logits.new_tensor(float(dense)))
-            ctx.record("routing_entropy", torch.special.entr(probs).sum(-1).mean())
-            ctx.record("shared_weight", balance[..., 0].mean())
-            ctx.record("routed_weight", balance[..., 1].mean())
+            ctx.record("routing_entropy", token_mean(torch.special.entr(probs).sum(-1), real))
+            ctx.record("shared_weight", token_mean(balance[..., 0], real))
+            ctx.record("routed_weight", token_mean(balance[..., 1], real))
         return gates, selected
 
     def dense_routing(self, ctx: AttentionContext) -> bool:
@@ -320,11 +322,11 @@ class MixtureOfHeadsAttention(Attention):
             return [True] * self.n_kv_heads
         return active.reshape(-1, self.n_kv_heads, self.group_size).any(-1).any(0).tolist()
 
-    def record_selection(self, ctx: AttentionContext, selected: Tensor) -> None:
-        """Statistics of the routed heads' selection ``(B, T, E)``."""
+    def record_selection(self, ctx: AttentionContext, selected: Tensor, real: Tensor | None = None) -> None:
+        """Statistics of the routed heads' selection ``(B, T, E)`` (over the ``real`` ``(B, T)`` tokens)."""
         active = selected.float()
         ctx.record("head_active", active)
-        for j, frequency in enumerate(active.mean(dim=(0, 1))):
+        for j, frequency in enumerate(token_mean(active, real)):
             ctx.record(f"head_frequency/{j}", frequency)
 
     # ----------------------------------------------------------------------------- attention
