@@ -27,7 +27,8 @@ def plan(device: str, n_heads: int, n_kv_heads: int, q_len: int, dtype=torch.flo
 @pytest.mark.parametrize("device,n_kv_heads,q_len,dtype,mask_shape,expected", [
     ("cpu", 4, 3, torch.float32, None, "none"),
     ("cpu", 2, 3, torch.float32, None, "repeat_kv"),
-    ("cpu", 2, 1, torch.float32, None, "pack_rows"),  # 2 (sequence, KV head) pairs for 1 thread
+    ("cpu", 2, 1, torch.float32, None, "pack_rows"),
+    ("cpu", 1, 1, torch.float32, None, "pack_rows"),  # MQA, one sequence: packed although a thread idles
     ("cpu", 2, 1, torch.float32, (1, 4, 1, 5), "enable_gqa"),  # a mask per head does not fit packed rows
     ("meta", 2, 3, torch.bfloat16, None, "enable_gqa"),
     ("meta", 2, 3, torch.float32, None, "repeat_kv"),
@@ -35,7 +36,7 @@ def plan(device: str, n_heads: int, n_kv_heads: int, q_len: int, dtype=torch.flo
     ("meta", 2, 1, torch.float32, (1, 1, 1, 5), "pack_rows"),
 ])
 def test_sdpa_grouping(device, n_kv_heads, q_len, dtype, mask_shape, expected, monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert plan(device, 4, n_kv_heads, q_len, dtype, mask_shape).grouping == expected
 
 

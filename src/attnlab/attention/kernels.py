@@ -92,8 +92,9 @@ def _grouping(q: Tensor, H_kv: int, attn_mask: Tensor | None) -> Grouping:
         if not shared_mask:
             return "enable_gqa"
         if on_cpu:
-            # the kernel runs one (sequence, KV head) per thread: pack only when they keep all busy
-            return "pack_rows" if B * H_kv >= cpu_threads() else "enable_gqa"
+            # packed, a KV head is read once, not once per query head: faster even where fewer
+            # (sequence, KV head) pairs than threads leave a thread idle (MQA, one sequence)
+            return "pack_rows"
         # CUDA: flash (grouped K/V) takes no mask, so masked calls pack onto the efficient kernel
         return "pack_rows" if attn_mask is not None else "enable_gqa"
     if on_cpu:
