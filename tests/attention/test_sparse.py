@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from attnlab.attention import AttentionContext, causal_mask, resolve_attention, sdpa
 from attnlab.attention import _topk_attention as topk_attention
-from attnlab.attention.sparse import index_scores, indexer_kl, select_top_k
+from attnlab.attention.sparse import index_scores, index_scores_one_query, indexer_kl, select_top_k
 from attnlab.config import ConfigError, ModelConfig
 from attnlab.layers import RotaryEmbedding
 from attnlab.model import GPT
@@ -235,6 +235,15 @@ def test_chunked_selection_equals_the_selection_over_whole_rows(chunk_size, star
     assert torch.equal(selection_mask(selection, S), select_top_k(scores, allowed, top_k))
     # the kept scores are the indexer's at the selected keys
     torch.testing.assert_close(selection.scores, scores.gather(2, selection.keys.long()))
+
+
+def test_one_query_scores_equal_the_general_form():
+    """The decoding step's key-major product is the same ``I(t, s)`` as :func:`index_scores`."""
+    torch.manual_seed(0)
+    index_q, index_k, index_w = torch.randn(3, 4, 1, 16, dtype=torch.float64), \
+        torch.randn(3, 37, 16, dtype=torch.float64), torch.randn(3, 1, 4, dtype=torch.float64)
+    torch.testing.assert_close(index_scores_one_query(index_q, index_k, index_w),
+                               index_scores(index_q, index_k, index_w))
 
 
 @pytest.mark.parametrize("top_k", [1, 5, 16])
