@@ -42,8 +42,8 @@ def record_kernel_queries(monkeypatch) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("v_dim", [16, 8])
 @pytest.mark.parametrize("threads", [1, 64])
 def test_single_token_decoding_reads_grouped_kv(n_heads, n_kv_heads, v_dim, threads, monkeypatch):
-    """On CPU the query heads of a KV head are packed into query rows when the (sequence, KV head)
-    pairs keep every thread busy (3 * n_kv_heads >= threads), else the kernel groups them."""
+    """On CPU the query heads of a KV head are packed into query rows of one kernel call, also
+    when there are fewer (sequence, KV head) pairs than threads."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     queries = record_kernel_queries(monkeypatch)
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def test_single_token_decoding_reads_grouped_kv(n_heads, n_kv_heads, v_dim, thre
     k = torch.randn(3, n_kv_heads, 11, 16, dtype=torch.float64)
     v = torch.randn(3, n_kv_heads, 11, v_dim, dtype=torch.float64)
     torch.testing.assert_close(sdpa(q, k, v), naive_attention(q, k, v))
-    packed = n_kv_heads < n_heads and 3 * n_kv_heads >= threads
+    packed = n_kv_heads < n_heads
     assert queries == [(3, n_kv_heads, n_heads // n_kv_heads, 16) if packed else (3, n_heads, 1, 16)]
     # a cache view (a slice of a longer buffer) gives the same result
     buffer_k = torch.randn(3, n_kv_heads, 20, 16, dtype=torch.float64)
