@@ -265,6 +265,17 @@ def test_compiled_decoding_is_measured_beside_eager_decoding(one_thread):
     assert compiled["context_len"] == eager["context_len"] == 16
     assert compiled["tokens_per_s"] > 0 and compiled["compile_s"] > 0
     assert (compiled["graphs_compiled"], compiled["recompiles"]) == (1, 0)
+    # each step beside reading its bytes once: the weights that multiply the token (attention,
+    # feed-forward, norms and the tied V x C head; not the embedding table) and the K/V cache
+    model = TINY_MODEL
+    head_dim, kv_heads = model["d_model"] // model["n_heads"], model["n_heads"] // 2
+    cache = 2 * kv_heads * head_dim * 16 * model["n_layers"]
+    params = result["params"]
+    weights = params["attention"] + params["feed_forward"] + params["norms"] + model["vocab_size"] * model["d_model"]
+    for entry in (eager, compiled):
+        assert entry["step_bytes"] == 4 * (weights + cache)
+        assert entry["step_read_ms"] > 0
+        assert entry["x_step_read"] == pytest.approx(entry["ms_per_token"] / entry["step_read_ms"])
 
     routed = bench.bench_mechanism("moas_top1", "moas_top1", dict(TINY_MODEL), OptimConfig(),
                                    _settings(decode_lengths=[16], decode_compile=True), torch.device("cpu"),
@@ -282,6 +293,10 @@ def test_compiled_decoding_is_measured_beside_eager_decoding(one_thread):
     assert header == ["mechanism", "context 16", "compiled, context 16"]
     speedup = compiled["tokens_per_s"] / eager["tokens_per_s"]
     assert rows[0][2].endswith(f", {speedup:.2f}x, 1+0 graphs") and rows[1][2] == "n/a"
-    header, rows = next(v for k, v in tables.items() if k.startswith("Decode ms per token"))
-    assert [row[:3] for row in rows] == [["gqa_2", "eager", "16"], ["gqa_2", "compiled", "16"],
-                                         ["moas_top1", "eager", "16"]]
+    for prefix in ("Decode ms per token against reading", "Decode ms per token against one read"):
+        header, rows = next(v for k, v in tables.items() if k.startswith(prefix))
+        assert [row[:3] for row in rows] == [["gqa_2", "eager", "16"], ["gqa_2", "compiled", "16"],
+                                             ["moas_top1", "eager", "16"]]
+    header, rows = next(v for k, v in tables.items() if k.startswith("Decode ms per token against reading"))
+    assert header[-3:] == ["MiB read", "read ms", "x the read"]
+    assert rows[0][-1] == f"{eager['x_step_read']:,.1f}"

@@ -1,5 +1,7 @@
 """Decoding: tokens/s of single-token steps with the cache after a prefill, eager and through the
-compiled static step, and the floor of any decoding step (one read of the LM head's weights)."""
+compiled static step, each beside its floor (one read of the bytes the step must read: the
+weights that multiply the token and the cache), and the floor shared by every model of a
+vocabulary (one read of the LM head's weights)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,31 @@ from attnlab.model import GPT, ModelCache
 from attnlab.profiling import summarize, synchronize, time_calls
 
 DECODE_FIELDS = ("context_len", "batch_size", "steps", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
-                 "ms_per_token", "error")
+                 "ms_per_token", "step_bytes", "step_read_ms", "x_step_read", "error")
 #: Compiled decoding adds: seconds of the first (compiling) step, graphs compiled for it and
 #: graphs compiled afterwards (0: every later position ran the same graph).
 COMPILED_DECODE_FIELDS = (*DECODE_FIELDS, "compile_s", "graphs_compiled", "recompiles")
 LM_HEAD_FIELDS = ("vocab_size", "d_model", "bytes", "read_ms", "read_ms_min", "read_ms_max", "read_gb_per_s",
                   "cold_read_ms", "cold_read_ms_min", "cold_read_ms_max", "cold_read_gb_per_s",
                   "matvec_ms", "matvec_ms_min", "matvec_ms_max", "error")
+
+
+def step_bytes(model: GPT, batch_size: int, context_len: int) -> int:
+    """The bytes a decoding step reads at least: every weight that multiplies the new token
+    (attention, feed-forward, norms and the LM head's ``V x C``; of the embeddings only one row,
+    left out) and the cache of ``context_len`` positions (the mechanism's closed form, not what
+    a pre-allocated buffer holds beyond them)."""
+    counts = model.parameter_counts()
+    weights = counts["attention"] + counts["feed_forward"] + counts["norms"] + model.cfg.vocab_size * model.cfg.d_model
+    element = model.tok_emb.weight.element_size()
+    return weights * element + model.cache_bytes(batch_size, context_len)
+
+
+def streaming_read_ms(nbytes: int, device: torch.device, repeats: int = 20) -> float:
+    """Median milliseconds to read ``nbytes`` of float32 once (a sum over a buffer that size, read
+    again and again as a decoding loop reads the same weights and cache at every token)."""
+    buffer = torch.ones(max(1, nbytes // 4), device=device)
+    return 1e3 * summarize(time_calls(buffer.sum, 3, repeats, device))["median"]
 
 
 def prefill(model: GPT, cache: ModelCache, batch_size: int, length: int, device: torch.device) -> Tensor:
@@ -82,6 +102,10 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
             entry["recompiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_graphs
     stats = summarize(seconds)
     entry.update(throughput(steps * batch_size, stats), ms_per_token=1e3 * stats["median"] / steps)
+    # the floor of a step: reading its bytes once, timed on this machine now
+    entry["step_bytes"] = step_bytes(model, batch_size, context_len)
+    entry["step_read_ms"] = streaming_read_ms(entry["step_bytes"], device)
+    entry["x_step_read"] = entry["ms_per_token"] / entry["step_read_ms"]
     return entry
 
 

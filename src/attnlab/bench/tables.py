@@ -90,6 +90,16 @@ def mechanism_tables(result: dict[str, Any]) -> list[Table]:
         if compiled_lengths else ""),
                    ["mechanism", *(f"context {L}" for L in decode_lengths),
                     *(f"compiled, context {L}" for L in compiled_lengths)], rows))
+    rows = [[label, kind, str(e["context_len"]), _num(e["ms_per_token"], 3), _num(e["step_bytes"] / 2**20, 2),
+             _num(e["step_read_ms"], 3), _num(e["x_step_read"], 1)]
+            for label, m in mechanisms.items()
+            for kind, entries in (("eager", m["decode"]), ("compiled", m.get("decode_compiled") or []))
+            for e in entries if e.get("x_step_read") is not None]
+    if rows:
+        tables.append(("Decode ms per token against reading the step's bytes once (the weights that multiply "
+                       "the token and the cache at that context, timed as a streaming read on this machine)",
+                       ["mechanism", "decoding", "context", "ms per token", "MiB read", "read ms", "x the read"],
+                       rows))
     lm_head = result.get("lm_head")
     if lm_head and lm_head.get("read_ms") is not None:
         rows = []
@@ -171,6 +181,11 @@ NOTES = """\
   when warm) is timed apart as `compile_s`; graphs counted by dynamo (`unique_graphs`): those
   compiled by the first step and those compiled afterwards (recompiles, 0 when every position ran
   the same graph). `n/a`: the mechanism has no static step (the reason is listed under Errors).
+- Step read: every decoding entry beside the time to read the bytes its step must read at least
+  once (the weights that multiply the token, i.e. attention, feed-forward, norms and the LM
+  head's `V x C`, and the mechanism's cache at that context by its closed form), timed as a
+  `sum` over a buffer that size read over and over, as decoding rereads them at every token:
+  `x the read` is how far a step is from reading its bytes at this machine's streaming speed.
 - LM head read: the LM head's weights summed (a streaming read) and its one-token matvec, on a
   weight read over and over (so from the last-level cache when it fits) and, "from memory", after
   writing 256 MiB elsewhere: the floor of a step, from the cache or from memory.
