@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,13 @@ def _compiled_rate(entry: dict[str, Any] | None, eager: dict[str, Any] | None) -
 
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.1f}"
+
+
+def timed_decode_entries(mechanisms: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(label, "eager" | "compiled", entry)`` of every decoding entry that was timed."""
+    for label, m in mechanisms.items():
+        for kind, entries in (("eager", m["decode"]), ("compiled", m.get("decode_compiled") or [])):
+            yield from ((label, kind, e) for e in entries if e.get("ms_per_token") is not None)
 
 
 def mechanism_tables(result: dict[str, Any]) -> list[Table]:
@@ -90,11 +97,10 @@ def mechanism_tables(result: dict[str, Any]) -> list[Table]:
         if compiled_lengths else ""),
                    ["mechanism", *(f"context {L}" for L in decode_lengths),
                     *(f"compiled, context {L}" for L in compiled_lengths)], rows))
+    timed = list(timed_decode_entries(mechanisms))
     rows = [[label, kind, str(e["context_len"]), _num(e["ms_per_token"], 3), _num(e["step_bytes"] / 2**20, 2),
              _num(e["step_read_ms"], 3), _num(e["x_step_read"], 1)]
-            for label, m in mechanisms.items()
-            for kind, entries in (("eager", m["decode"]), ("compiled", m.get("decode_compiled") or []))
-            for e in entries if e.get("x_step_read") is not None]
+            for label, kind, e in timed if e.get("x_step_read") is not None]
     if rows:
         tables.append(("Decode ms per token against reading the step's bytes once (the weights that multiply "
                        "the token and the cache at that context, timed as a streaming read on this machine)",
@@ -102,14 +108,9 @@ def mechanism_tables(result: dict[str, Any]) -> list[Table]:
                        rows))
     lm_head = result.get("lm_head")
     if lm_head and lm_head.get("read_ms") is not None:
-        rows = []
-        for label, m in mechanisms.items():
-            for kind, entries in (("eager", m["decode"]), ("compiled", m.get("decode_compiled") or [])):
-                for e in entries:
-                    if e.get("ms_per_token") is not None:
-                        rows.append([label, kind, str(e["context_len"]), _num(e["ms_per_token"], 3),
-                                     _num(e["ms_per_token"] / lm_head["read_ms"], 1),
-                                     _num(e["ms_per_token"] / lm_head["cold_read_ms"], 1)])
+        rows = [[label, kind, str(e["context_len"]), _num(e["ms_per_token"], 3),
+                 _num(e["ms_per_token"] / lm_head["read_ms"], 1), _num(e["ms_per_token"] / lm_head["cold_read_ms"], 1)]
+                for label, kind, e in timed]
         tables.append((f"Decode ms per token against one read of the LM head's weights "
                        f"({lm_head['bytes'] / 2**20:,.1f} MiB: {lm_head['read_ms']:.3f} ms from the cache, "
                        f"{lm_head['read_gb_per_s']:.1f} GB/s; {lm_head['cold_read_ms']:.3f} ms from memory, "
