@@ -50,7 +50,7 @@ def test_flex_and_selected_attention_choices():
     cpu, other = torch.device("cpu"), torch.device("meta")
     assert not use_flex_attention(cpu, n_prefix=0, dropout_p=0.0)
     assert not use_flex_attention(other, n_prefix=0, dropout_p=0.0)  # CUDA only
-    assert selected_attention_kernel(cpu, 0.0) == "csr"
+    assert selected_attention_kernel(cpu, 0.0, torch.float64) == "csr"
     assert selected_attention_kernel(cpu, 0.1) == "gathered"
     assert selected_attention_kernel(other, 0.0) == "gathered"
     with plain_kernels():

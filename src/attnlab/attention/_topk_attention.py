@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import _native
 from .base import sdpa
 from .kernels import selected_attention_kernel
 
@@ -160,12 +161,14 @@ def top_k_latest(scores: Tensor, top_k: int) -> Tensor:
 
 @torch.no_grad()
 def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, start: int, top_k: int,
-                         chunk_size: int, keep_for_kl: bool) -> Selection:
+                         chunk_size: int, keep_for_kl: bool, native: bool = False) -> Selection:
     """The ``top_k`` causal positions of every query, scoring one chunk of queries at a time.
 
     ``index_q`` ``(B, H_I, T, D_I)`` at positions ``start..start+T``, ``index_k`` ``(B, S, D_I)``
     with ``S = start + T > top_k``, ``index_w`` ``(B, T, H_I)``. A chunk of ``n`` queries ending at
-    position ``e`` scores keys ``< e`` only: ``(B, H_I, n, e)`` at most, never ``T x S``."""
+    position ``e`` scores keys ``< e`` only: ``(B, H_I, n, e)`` at most, never ``T x S``.
+    ``native``: each chunk's top-k by :func:`~attnlab.attention._native.top_k_latest` (float32 on
+    CPU), which reads each row's causal positions only, so the future needs no mask."""
     B, H_I, T, _ = index_q.shape
     device = index_q.device
     head = min(T, max(0, top_k - start))  # rows at positions < top_k keep all their positions
@@ -183,6 +186,12 @@ def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, star
         end = start + b
         terms = index_head_terms(index_q[:, :, a:b], index_k[:, :end])
         scores = weighted_heads(terms, index_w[:, a:b])
+        if native:
+            keys[:, a:b] = chosen = _native.top_k_latest(scores, start + a + 1, top_k)
+            if keep_for_kl:
+                selection.scores[:, a:b], selection.relu[:, a:b] = _native.gather_selected(
+                    scores.float().contiguous(), terms.float().contiguous(), chosen)
+            continue
         future = torch.ones(b - a, b - a, dtype=torch.bool, device=device).triu(1)
         scores[:, :, start + a:].masked_fill_(future, float("-inf"))
         chosen = top_k_latest(scores, top_k)
@@ -370,6 +379,42 @@ class SelectedAttention(torch.autograd.Function):
                 grad_v.transpose(0, 1).to(v.dtype), None, None, None, None)
 
 
+class NativeSelectedAttention(torch.autograd.Function):
+    """:class:`SelectedAttention` through the C kernels of :mod:`~attnlab.attention._native`
+    (float32 on CPU), all rows in one call each: forward one sampled product and one gathered
+    sum; backward one pass over each query's keys for all three gradients (the key and value
+    gradients scattered into one table per thread), with no transposed selection to build. Keeps the output and the ``(B, T, H, K)`` probabilities."""
+
+    @staticmethod
+    @_without_autocast
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, selection: Selection, scale: float, want_probs: bool):
+        f32 = torch.float32
+        q_rows = q.to(f32).transpose(1, 2).contiguous()  # (B, T, H, D)
+        k_rows, v_rows = k.to(f32).transpose(1, 2).contiguous(), v.to(f32).transpose(1, 2).contiguous()  # (B, S, H_kv, D)
+        keys = selection.keys
+        p = _native.sampled_dot(q_rows, k_rows, keys, selection.start, scale).softmax(dim=-1)  # (B, T, H, K)
+        out, _ = _native.gather_sum(p, v_rows, keys, selection.start)  # (B, T, H, D)
+        probs = p.mean(dim=2) if want_probs else None
+        if want_probs:
+            ctx.mark_non_differentiable(probs)
+        ctx.save_for_backward(q_rows, k_rows, v_rows, out, p if any(ctx.needs_input_grad[:3]) else None)
+        ctx.selection, ctx.scale, ctx.dtypes = selection, scale, (q.dtype, k.dtype, v.dtype)
+        return out.transpose(1, 2).to(q.dtype), probs
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, grad_y: Tensor, grad_probs: Tensor | None):
+        q_rows, k_rows, v_rows, out, p = ctx.saved_tensors
+        keys, start, scale = ctx.selection.keys, ctx.selection.start, ctx.scale
+        grad_out = grad_y.to(torch.float32).transpose(1, 2).contiguous()  # (B, T, H, D)
+        delta = (grad_out * out).sum(-1)  # (B, T, H): sum_s p_s dp_s of each row
+        grad_q, grad_k, grad_v = _native.attention_backward(q_rows, k_rows, v_rows, keys, start, p, grad_out,
+                                                            delta, scale)
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return (grad_q.transpose(1, 2).to(q_dtype), grad_k.transpose(1, 2).to(k_dtype),
+                grad_v.transpose(1, 2).to(v_dtype), None, None, None)
+
+
 def _gathered_chunk(q: Tensor, k_rows: Tensor, v_rows: Tensor, keys: Tensor, valid: Tensor | None,
                     dropout_p: float) -> Tensor:
     """One chunk of :func:`gathered_attention`: ``q`` ``(B, H, n, D)``, ``k_rows, v_rows``
@@ -429,9 +474,14 @@ def selected_attention(q: Tensor, k: Tensor, v: Tensor, selection: Selection, sc
     ``(B, H_kv, S, D)``: ``(B, H, T, D)`` and, when ``want_probs``, the probabilities averaged over
     heads ``(B, T, K)``.
 
-    ``kernel``: ``"csr"`` (:class:`SelectedAttention`) or ``"gathered"`` (:func:`gathered_attention`);
-    None: as :func:`~attnlab.attention.kernels.selected_attention_kernel` chooses."""
-    kernel = kernel or selected_attention_kernel(q.device, dropout_p)
+    ``kernel``: ``"native"`` (:class:`NativeSelectedAttention`), ``"csr"`` (:class:`SelectedAttention`)
+    or ``"gathered"`` (:func:`gathered_attention`); None: as
+    :func:`~attnlab.attention.kernels.selected_attention_kernel` chooses."""
+    kernel = kernel or selected_attention_kernel(q.device, dropout_p, q.dtype)
+    if kernel == "native":
+        if dropout_p:
+            raise ValueError("the native kernels have no attention dropout; use kernel='gathered'")
+        return NativeSelectedAttention.apply(q, k, v, selection, scale, want_probs)
     if kernel == "csr":
         if dropout_p:
             raise ValueError("the CSR kernel has no attention dropout; use kernel='gathered'")
@@ -521,7 +571,7 @@ class SelectedIndexerKL(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def forward(ctx, index_q: Tensor, index_k: Tensor, index_w: Tensor, selection: Selection, target: Tensor,
-                chunk_size: int) -> Tensor:
+                chunk_size: int, native: bool = False) -> Tensor:
         B, H_I, T, D_I = index_q.shape
         S = index_k.shape[1]
         dtype = _compute_dtype(index_q.dtype)
@@ -540,6 +590,15 @@ class SelectedIndexerKL(torch.autograd.Function):
             index_w = index_w.to(dtype)
             grad_w = torch.einsum("bts,btjs->btj", grad_scores, relu)
             q_rows = index_q.to(dtype).transpose(1, 2)  # (B, T, H_I, D_I)
+            if native:  # the C kernels take float32
+                # d KL / d (q_j . k_s) = g_s w_j where the ReLU passes: (B, T, H_I, K)
+                f32 = torch.float32
+                grad_products = (grad_scores.unsqueeze(2) * index_w.unsqueeze(-1)).mul_(relu.sign()).to(f32)
+                k_table = index_k.to(f32).view(B, S, 1, D_I).contiguous()
+                grad_q, grad_k = _native.gather_sum(grad_products, k_table, selection.keys, selection.start,
+                                                    rows=q_rows.to(f32).contiguous())
+                ctx.save_for_backward(grad_q.transpose(1, 2).to(dtype), grad_k.view(B, S, D_I).to(dtype), grad_w)
+                return loss
             k_rows = index_k.to(dtype).reshape(B * S, D_I)
             grad_q = q_rows.new_empty(B, T, H_I, D_I)
             grad_k = q_rows.new_zeros(B, S, D_I)
@@ -561,4 +620,4 @@ class SelectedIndexerKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         grad_q, grad_k, grad_w = (g * grad_loss for g in ctx.saved_tensors)
-        return grad_q, grad_k, grad_w, None, None, None
+        return grad_q, grad_k, grad_w, None, None, None, None

@@ -7,7 +7,7 @@ The measurements behind them are in the README ("Kernel choices").
 * :func:`plan_sdpa`: how :func:`~attnlab.attention.base.sdpa` feeds grouped K/V heads and narrow
   values to ``scaled_dot_product_attention``, and :func:`sdpa_backends` which CUDA kernels it may use;
 * :func:`use_flex_attention`: flex attention or the blocked band for a sliding window;
-* :func:`selected_attention_kernel`: sparse CSR products or gathered SDPA for top-k attention;
+* :func:`selected_attention_kernel`: C kernels, sparse CSR products or gathered SDPA for top-k attention;
 * :func:`plain_kernels`: a scope in which every choice falls back to ATen operations.
 """
 
@@ -129,12 +129,23 @@ def use_flex_attention(device: torch.device, n_prefix: int, dropout_p: float) ->
 # ----------------------------------------------------------------------------------- top-k attention
 
 
-def selected_attention_kernel(device: torch.device, dropout_p: float) -> Literal["csr", "gathered"]:
-    """How attention over each query's selected keys is computed (see ``_topk_attention``)."""
+def selected_attention_kernel(device: torch.device, dropout_p: float, dtype: torch.dtype = torch.float32
+                              ) -> Literal["native", "csr", "gathered"]:
+    """How the top-k mechanism's training path selects and attends (see ``_topk_attention``)."""
     if dropout_p:
-        return "gathered"  # the CSR kernels have no attention dropout
-    if device.type == "cpu":
-        return "csr"  # the sparse products read the keys in place, without gathered copies
+        return "gathered"  # only SDPA has attention dropout
     if plain_kernels_only():
-        return "csr"  # counting FLOPs: the same ATen path on every device, so the counts agree
+        return "csr"  # counting FLOPs: ATen operations on every device, so the counts agree
+    if device.type == "cpu":
+        if torch.promote_types(dtype, torch.float32) == torch.float32 and native_kernels_available():
+            return "native"  # top-k, products and transposes without sorts or copies (``_native``)
+        return "csr"  # the sparse products read the keys in place, without gathered copies
     return "gathered"  # CUDA: the fused SDPA kernels, which take 16-bit inputs
+
+
+@torch._dynamo.assume_constant_result
+def native_kernels_available() -> bool:
+    """Whether the C kernels of ``_native`` built on this machine (compiled once, on first use)."""
+    from . import _native
+
+    return _native.available()

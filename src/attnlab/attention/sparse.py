@@ -88,6 +88,7 @@ from ._topk_attention import (
 )
 from .base import AttentionCache, AttentionContext, KVCache, causal_mask, sdpa, sdpa_causal, softmax_scale
 from .gqa import GQAConfig, GroupedQueryAttention
+from .kernels import selected_attention_kernel
 from .registry import register_attention
 
 
@@ -198,7 +199,7 @@ class SparseAttention(GroupedQueryAttention):
         self.indexer_loss_weight = cfg.indexer_loss_weight
         self.indexer_warmup_steps = cfg.indexer_warmup_steps
         self.chunk_size = cfg.chunk_size
-        #: ``"csr"`` or ``"gathered"`` for the training path's attention; None: by device (see
+        #: ``"native"``, ``"csr"`` or ``"gathered"`` for the training path; None: by device (see
         #: :func:`~attnlab.attention._topk_attention.selected_attention`). Tests set it.
         self.kernel: str | None = None
         # one matmul for the indexer queries q_j, the shared key k and the head weights w_j
@@ -256,12 +257,14 @@ class SparseAttention(GroupedQueryAttention):
                 target = attention_probabilities(q.to(dtype), k.to(dtype), selected, scale)
                 self.add_indexer_loss(indexer_kl(target, scores.to(dtype), selected).mean(), ctx)
         else:
+            kernel = self.kernel or selected_attention_kernel(x.device, self.dropout_p, q.dtype)
             selection = select_top_k_chunked(index_q, index_k, index_w, start, self.top_k, self.chunk_size,
-                                             keep_for_kl=wants_kl)
+                                             keep_for_kl=wants_kl, native=kernel == "native")
             y, target = selected_attention(q, k, v, selection, scale, self.chunk_size, self.dropout_p,
-                                           want_probs=wants_kl, kernel=self.kernel)
+                                           want_probs=wants_kl, kernel=kernel)
             if wants_kl:
-                kl = SelectedIndexerKL.apply(index_q, index_k, index_w, selection, target, self.chunk_size)
+                kl = SelectedIndexerKL.apply(index_q, index_k, index_w, selection, target, self.chunk_size,
+                                             kernel == "native")
                 selection.scores = selection.relu = None  # the backward pass needs only the keys
                 self.add_indexer_loss(kl, ctx)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,267 @@
+/* CPU kernels for attention over each query's selected keys (DeepSeek-style sparse attention).
+ *
+ * Loaded with ctypes by attnlab/attention/_native.py, which compiles this file once per machine and
+ * calls every kernel on a range of rows [r0, r1) from one thread per range (ctypes releases the
+ * GIL), so the kernels themselves are sequential. Plain C on float32 arrays, no Python or torch
+ * headers: it builds in about a second.
+ *
+ * Layouts (row-major, contiguous). A "row" r is a query token (b, t), r = b * T + t, at position
+ * start + t. keys (R, K) int32: the key positions a row attends to; an entry whose key lies after
+ * the row's position is padding (rows at positions < K keep positions 0..K-1) and contributes
+ * nothing. Query-side arrays are (R, H, D) or (R, H, K); key-side tables are (B, S, G, D) with
+ * G groups of H / G heads each (head h reads group h / (H / G)).
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+/* The table rows of one query row's selected keys: `base` is its sequence's (S, G, D) table. */
+#define PREFETCH 4
+static inline void prefetch_rows(const float *rows, i64 GD, int write) {
+    const char *at = (const char *)rows;
+    for (i64 byte = 0; byte < GD * (i64)sizeof(float); byte += 64) {
+        if (write) __builtin_prefetch(at + byte, 1);
+        else __builtin_prefetch(at + byte, 0);
+    }
+}
+
+static inline const float *entry(const float *base, const int32_t *keys, i64 slot, i64 K, i64 GD, i64 position) {
+    if (slot + PREFETCH < K) prefetch_rows(base + keys[slot + PREFETCH] * GD, GD, 0);  /* scattered keys */
+    const i64 key = keys[slot];
+    return key > position ? 0 : base + key * GD;  /* NULL: padding */
+}
+
+static inline __attribute__((always_inline)) float dot(const float *x, const float *y, i64 D) {
+    float lanes[8] = {0};
+    i64 d = 0;
+    for (; d + 8 <= D; d += 8)
+        for (int l = 0; l < 8; ++l) lanes[l] += x[d + l] * y[d + l];
+    float acc = 0.0f;
+    for (; d < D; ++d) acc += x[d] * y[d];
+    for (int l = 0; l < 8; ++l) acc += lanes[l];
+    return acc;
+}
+
+static inline __attribute__((always_inline)) void axpy(float *restrict y, float c, const float *restrict x, i64 D) {
+    for (i64 d = 0; d < D; ++d) y[d] += c * x[d];
+}
+
+/* Per row: where its sequence's table starts, its keys, its position; per head: its group's offset. */
+#define ROW_SETUP(table, GD)                                   \
+    const i64 batch = r / T, position = start + r % T;         \
+    const int32_t *row_keys = keys + r * K;                    \
+    const float *base = (table) + batch * S * (GD);
+#define GROUP_OFFSETS()                                        \
+    i64 group_offset[H];                                       \
+    for (i64 h = 0; h < H; ++h) group_offset[h] = (h / (H / G)) * D;
+
+/* out[r, h, slot] = scale * a[r, h, :] . table[key(r, slot), g(h), :], or `masked` for padding (SDDMM). */
+static inline __attribute__((always_inline)) void sampled_dot_impl(
+        const float *a, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G, i64 S,
+        const i64 D, i64 K, i64 start, float scale, float masked, i64 r0, i64 r1) {
+    GROUP_OFFSETS()
+    for (i64 r = r0; r < r1; ++r) {
+        ROW_SETUP(table, G * D)
+        const float *x = a + r * H * D;
+        float *o = out + r * H * K;
+        for (i64 slot = 0; slot < K; ++slot) {
+            const float *rows = entry(base, row_keys, slot, K, G * D, position);
+            for (i64 h = 0; h < H; ++h)
+                o[h * K + slot] = rows ? scale * dot(x + h * D, rows + group_offset[h], D) : masked;
+        }
+    }
+}
+
+/* out[r, h, :] = sum_slot w[r, h, slot] * table[key(r, slot), g(h), :] (SpMM), and when `grad_table`
+ * is given, also its transpose grad_table[key(r, slot), g(h), :] += w[r, h, slot] * a[r, h, :], in the
+ * same pass over the keys. Padding is skipped. Rows of different threads may hit the same key:
+ * each thread accumulates into its own grad_table. */
+static inline __attribute__((always_inline)) void gather_sum_impl(
+        const float *w, const float *table, const int32_t *keys, float *out, const float *a, float *grad_table,
+        i64 T, i64 H, i64 G, i64 S, const i64 D, i64 K, i64 start, i64 r0, i64 r1) {
+    GROUP_OFFSETS()
+    for (i64 r = r0; r < r1; ++r) {
+        ROW_SETUP(table, G * D)
+        float *grad_base = grad_table ? grad_table + batch * S * G * D : 0;
+        const float *wr = w + r * H * K, *x = a ? a + r * H * D : 0;
+        float *o = out + r * H * D;
+        memset(o, 0, H * D * sizeof(float));
+        for (i64 slot = 0; slot < K; ++slot) {
+            const float *rows = entry(base, row_keys, slot, K, G * D, position);
+            if (!rows) continue;
+            for (i64 h = 0; h < H; ++h) axpy(o + h * D, wr[h * K + slot], rows + group_offset[h], D);
+            if (grad_table) {
+                float *grad_rows = grad_base + (rows - base);
+                if (slot + PREFETCH < K) prefetch_rows(grad_base + row_keys[slot + PREFETCH] * G * D, G * D, 1);
+                for (i64 h = 0; h < H; ++h) axpy(grad_rows + group_offset[h], wr[h * K + slot], x + h * D, D);
+            }
+        }
+    }
+}
+
+/* The backward pass of softmax attention over the selected keys, one pass over each row's keys:
+ * with p (R, H, K) the probabilities, dO (R, H, D) the output's gradient and delta[r, h] = dO . O,
+ *   ds = scale * p * (dO . v - delta),  dq += ds k,  dk += ds q,  dv += p dO
+ * dq (R, H, D) is written; dk, dv (B, S, G, D) accumulate (one pair per thread). */
+static inline __attribute__((always_inline)) void attention_backward_impl(
+        const float *q, const float *k_table, const float *v_table, const int32_t *keys, const float *p,
+        const float *grad_out, const float *delta, float *grad_q, float *grad_k, float *grad_v,
+        i64 T, i64 H, i64 G, i64 S, const i64 D, i64 K, i64 start, float scale, i64 r0, i64 r1) {
+    GROUP_OFFSETS()
+    for (i64 r = r0; r < r1; ++r) {
+        ROW_SETUP(k_table, G * D)
+        const i64 offset = base - k_table;  /* the same rows of every (B, S, G, D) table */
+        const float *pr = p + r * H * K, *qr = q + r * H * D, *dor = grad_out + r * H * D, *dr = delta + r * H;
+        float *dq = grad_q + r * H * D, ds[H];
+        memset(dq, 0, H * D * sizeof(float));
+        for (i64 slot = 0; slot < K; ++slot) {
+            const float *k_rows = entry(base, row_keys, slot, K, G * D, position);
+            if (!k_rows) continue;
+            const i64 at = offset + (k_rows - base);
+            const float *v_rows = v_table + at;
+            if (slot + PREFETCH < K) {
+                const i64 next = offset + row_keys[slot + PREFETCH] * G * D;
+                prefetch_rows(v_table + next, G * D, 0);
+                prefetch_rows(grad_k + next, G * D, 1);
+                prefetch_rows(grad_v + next, G * D, 1);
+            }
+            float *dk_rows = grad_k + at, *dv_rows = grad_v + at;
+            /* every head's dot product first: independent, they overlap; each axpy waits for one */
+            for (i64 h = 0; h < H; ++h) ds[h] = dot(dor + h * D, v_rows + group_offset[h], D);
+            for (i64 h = 0; h < H; ++h) {
+                const float prob = pr[h * K + slot], grad_logit = scale * prob * (ds[h] - dr[h]);
+                axpy(dq + h * D, grad_logit, k_rows + group_offset[h], D);
+                axpy(dk_rows + group_offset[h], grad_logit, qr + h * D, D);
+                axpy(dv_rows + group_offset[h], prob, dor + h * D, D);
+            }
+        }
+    }
+}
+
+/* The public kernels: the head width as a compile-time constant for the common widths, so that
+ * the short per-head loops compile to straight vector code without run-time versioning. */
+#define DISPATCH_D(call) \
+    switch (D) { \
+    case 16: call(16); break; \
+    case 32: call(32); break; \
+    case 64: call(64); break; \
+    case 128: call(128); break; \
+    default: call(D); \
+    }
+
+void sampled_dot(const float *a, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G,
+                 i64 S, i64 D, i64 K, i64 start, float scale, float masked, i64 r0, i64 r1) {
+#define CALL(width) sampled_dot_impl(a, table, keys, out, T, H, G, S, width, K, start, scale, masked, r0, r1)
+    DISPATCH_D(CALL)
+#undef CALL
+}
+
+void gather_sum(const float *w, const float *table, const int32_t *keys, float *out, const float *a,
+                float *grad_table, i64 T, i64 H, i64 G, i64 S, i64 D, i64 K, i64 start, i64 r0, i64 r1) {
+#define CALL(width) gather_sum_impl(w, table, keys, out, a, grad_table, T, H, G, S, width, K, start, r0, r1)
+    DISPATCH_D(CALL)
+#undef CALL
+}
+
+void attention_backward(const float *q, const float *k_table, const float *v_table, const int32_t *keys,
+                        const float *p, const float *grad_out, const float *delta, float *grad_q, float *grad_k,
+                        float *grad_v, i64 T, i64 H, i64 G, i64 S, i64 D, i64 K, i64 start, float scale,
+                        i64 r0, i64 r1) {
+#define CALL(width) attention_backward_impl(q, k_table, v_table, keys, p, grad_out, delta, grad_q, grad_k, \
+                                            grad_v, T, H, G, S, width, K, start, scale, r0, r1)
+    DISPATCH_D(CALL)
+#undef CALL
+}
+
+/* A float's bits as an unsigned key with the same order (-inf lowest; no NaNs expected). */
+static inline uint32_t ordered(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits ^ ((uint32_t)((int32_t)bits >> 31) | 0x80000000u);
+}
+
+/* The k-th largest of a[0..m) (1 <= k <= m; ties count separately) by a radix selection on its
+ * bytes, most significant first; *greater: how many are strictly larger. */
+static uint32_t kth_largest(const uint32_t *a, i64 m, i64 k, i64 *greater) {
+    uint32_t prefix = 0, mask = 0;
+    i64 above = 0;  /* elements above the current prefix */
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        i64 counts[256] = {0};
+        for (i64 i = 0; i < m; ++i)
+            if ((a[i] & mask) == prefix) counts[(a[i] >> shift) & 0xFF]++;
+        int digit = 255;
+        while (above + counts[digit] < k) above += counts[digit--];
+        prefix |= (uint32_t)digit << shift;
+        mask |= 0xFFu << shift;
+    }
+    *greater = above;
+    return prefix;
+}
+
+#define SAMPLE_STRIDE 8
+
+/* The k highest of each row's first n(r) = n0 + r % rows_per_batch entries (its causal positions),
+ * ties at the threshold going to the latest positions. scores (R, E) float32, out (R, k) int32 in
+ * ascending position order; n(r) > k, n(r) <= E. `scratch` holds at least 2 * E uint32 per thread.
+ *
+ * Every SAMPLE_STRIDE-th entry gives a value that about k + 3 sqrt(k) entries reach (a lower bound
+ * on the k-th value as a rule); one pass keeps the entries at or above it, in position order, and a
+ * radix selection among those few finds the exact k-th value. Where the bound keeps fewer than k
+ * (a row whose sample misleads), the selection runs on the whole row. */
+void top_k_latest(const float *scores, int32_t *out, uint32_t *scratch, i64 E, i64 n0, i64 rows_per_batch,
+                  i64 k, i64 r0, i64 r1) {
+    uint32_t *kept = scratch, *kept_at = scratch + E;
+    for (i64 r = r0; r < r1; ++r) {
+        const float *row = scores + r * E;
+        const i64 n = n0 + r % rows_per_batch;
+        const i64 n_sample = n / SAMPLE_STRIDE;
+        const double expected = (double)k / SAMPLE_STRIDE;
+        const i64 rank = (i64)(expected + 3.0 * __builtin_sqrt(expected)) + 1;
+        uint32_t bound = 0;
+        i64 unused;
+        if (rank < n_sample) {
+            for (i64 i = 0; i < n_sample; ++i) kept[i] = ordered(row[i * SAMPLE_STRIDE]);
+            bound = kth_largest(kept, n_sample, rank, &unused);
+        }
+        i64 m = 0;
+        for (i64 s = 0; s < n; ++s) {
+            const uint32_t key = ordered(row[s]);
+            kept[m] = key;
+            kept_at[m] = (uint32_t)s;
+            m += key >= bound;
+        }
+        if (m < k) {  /* the bound was too high: every position is a candidate */
+            for (i64 s = 0; s < n; ++s) { kept[s] = ordered(row[s]); kept_at[s] = (uint32_t)s; }
+            m = n;
+        }
+        i64 greater;
+        const uint32_t threshold = kth_largest(kept, m, k, &greater);
+        i64 tied = 0;
+        for (i64 i = 0; i < m; ++i) tied += kept[i] == threshold;
+        i64 skip = tied - (k - greater);  /* the earliest tied positions that do not fit */
+        int32_t *o = out + r * k;
+        i64 written = 0;
+        for (i64 i = 0; i < m; ++i) {
+            if (kept[i] > threshold || (kept[i] == threshold && skip-- <= 0)) o[written++] = (int32_t)kept_at[i];
+        }
+    }
+}
+
+/* For the indexer's KL: the score and every head's term at each selected key. scores (B, n, E),
+ * terms (B, J, n, E), keys (B, n, k) -> out_scores (B, n, k), out_terms (B, n, J, k); rows
+ * r = b * n + t in [r0, r1). */
+void gather_selected(const float *scores, const float *terms, const int32_t *keys, float *out_scores,
+                     float *out_terms, i64 n, i64 E, i64 J, i64 k, i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+        const i64 b = r / n, t = r % n;
+        const int32_t *row_keys = keys + r * k;
+        const float *row = scores + r * E;
+        for (i64 slot = 0; slot < k; ++slot) out_scores[r * k + slot] = row[row_keys[slot]];
+        for (i64 j = 0; j < J; ++j) {
+            const float *term_row = terms + ((b * J + j) * n + t) * E;
+            float *o = out_terms + (r * J + j) * k;
+            for (i64 slot = 0; slot < k; ++slot) o[slot] = term_row[row_keys[slot]];
+        }
+    }
+}

@@ -1,0 +1,204 @@
+"""The C kernels of the sparse mechanism's CPU training path (``attnlab.attention._native``) against
+naive loops in float64 written here and against :func:`select_top_k`'s rule on whole rows; the
+mechanism's training path through them against the CSR path and the dense masked reference."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from attnlab.attention import AttentionContext, causal_mask, resolve_attention
+from attnlab.attention import _native
+from attnlab.attention import _topk_attention as topk_attention
+from attnlab.attention.kernels import selected_attention_kernel
+from attnlab.attention.sparse import index_scores, select_top_k
+from attnlab.config import ModelConfig
+from attnlab.layers import RotaryEmbedding
+from tests.conftest import TINY_MODEL
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="no C compiler: the native kernels did not build")
+
+
+def random_keys(B, T, K, start, generator):
+    """Each row's ``K`` distinct causal positions in random order; rows at positions ``< K`` keep
+    ``0..K-1`` (the entries after the row's position are padding)."""
+    rows = [torch.randperm(start + t + 1, generator=generator)[:K] if start + t + 1 > K else torch.arange(K)
+            for _ in range(B) for t in range(T)]
+    return torch.stack(rows).view(B, T, K).int()
+
+
+def naive_entries(B, T, H, G, K, keys, start):
+    """``(b, t, h, slot, key, group)`` for every non-padding entry."""
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                for slot in range(K):
+                    key = int(keys[b, t, slot])
+                    if key <= start + t:
+                        yield b, t, h, slot, key, h // (H // G)
+
+
+@pytest.mark.parametrize("G", [4, 2, 1])
+@pytest.mark.parametrize("D", [32, 12])
+@pytest.mark.parametrize("start", [0, 3])
+def test_products_and_backward_equal_naive_loops(G, D, start):
+    """SDDMM, SpMM with its fused transpose, and the fused attention backward, for MHA/GQA/MQA
+    groups, a head width the kernels specialise (32) and one they do not (12), padding rows."""
+    gen = torch.Generator().manual_seed(D + G + start)
+    B, T, H, K = 2, 9, 4, 5
+    S = start + T
+    q, grad_out = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, D, generator=gen)
+    k, v = torch.randn(B, S, G, D, generator=gen), torch.randn(B, S, G, D, generator=gen)
+    weights, delta = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, generator=gen)
+    keys = random_keys(B, T, K, start, gen)
+    q64, k64, v64, w64, g64 = (t.double() for t in (q, k, v, weights, grad_out))
+
+    logits = torch.full((B, T, H, K), float("-inf"), dtype=torch.float64)
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    grad_table = torch.zeros(B, S, G, D, dtype=torch.float64)
+    grad_q = torch.zeros(B, T, H, D, dtype=torch.float64)
+    grad_k, grad_v = torch.zeros_like(grad_table), torch.zeros_like(grad_table)
+    for b, t, h, slot, key, g in naive_entries(B, T, H, G, K, keys, start):
+        logits[b, t, h, slot] = 0.5 * (q64[b, t, h] @ k64[b, key, g])
+        out[b, t, h] += w64[b, t, h, slot] * k64[b, key, g]
+        grad_table[b, key, g] += w64[b, t, h, slot] * q64[b, t, h]
+        ds = 0.5 * w64[b, t, h, slot] * (g64[b, t, h] @ v64[b, key, g] - delta[b, t, h].double())
+        grad_q[b, t, h] += ds * k64[b, key, g]
+        grad_k[b, key, g] += ds * q64[b, t, h]
+        grad_v[b, key, g] += w64[b, t, h, slot] * g64[b, t, h]
+
+    tol = dict(atol=1e-5, rtol=1e-5)
+    got_logits = _native.sampled_dot(q, k, keys, start, scale=0.5)
+    assert torch.equal(got_logits.isinf(), logits.isinf())
+    torch.testing.assert_close(got_logits.double(), logits, **tol)
+    got_out, got_table = _native.gather_sum(weights, k, keys, start, rows=q)
+    torch.testing.assert_close(got_out.double(), out, **tol)
+    torch.testing.assert_close(got_table.double(), grad_table, **tol)
+    assert _native.gather_sum(weights, k, keys, start)[1] is None
+    got = _native.attention_backward(q, k, v, keys, start, weights, grad_out, delta, 0.5)
+    for got_grad, want_grad in zip(got, (grad_q, grad_k, grad_v)):
+        torch.testing.assert_close(got_grad.double(), want_grad, **tol)
+
+
+@pytest.mark.parametrize("values", ["continuous", "ties", "flat", "misleading_sample"])
+@pytest.mark.parametrize("first_count,top_k", [(7, 6), (40, 8), (300, 100)])
+def test_top_k_equals_the_exact_rule_on_whole_rows(values, first_count, top_k):
+    """The top-k of each row's causal positions, ties at the threshold to the latest positions,
+    in ascending order: the same set as :func:`select_top_k`, including rows where the sampled
+    bound keeps too few candidates (the largest values sit on the sampled positions)."""
+    gen = torch.Generator().manual_seed(first_count)
+    B, n = 2, 12
+    E = first_count + n - 1
+    if values == "continuous":
+        scores = torch.randn(B, n, E, generator=gen)
+    elif values == "ties":
+        scores = torch.randint(-2, 3, (B, n, E), generator=gen).float()
+    elif values == "flat":
+        scores = torch.zeros(B, n, E)
+    else:
+        scores = torch.randn(B, n, E, generator=gen)
+        scores[..., ::8] += 100.0
+    got = _native.top_k_latest(scores, first_count, top_k)
+    assert got.dtype == torch.int32 and got.shape == (B, n, top_k)
+    assert (got[..., 1:] > got[..., :-1]).all()
+    allowed = causal_mask(n, E, first_count - 1, "cpu")
+    mask = torch.zeros(B, n, E, dtype=torch.bool).scatter_(-1, got.long(), True)
+    assert torch.equal(mask, select_top_k(scores, allowed, top_k))
+
+
+def test_gather_selected_reads_the_scores_and_terms_at_the_keys():
+    gen = torch.Generator().manual_seed(0)
+    B, n, E, J, k = 2, 5, 11, 3, 4
+    scores, terms = torch.randn(B, n, E, generator=gen), torch.randn(B, J, n, E, generator=gen)
+    keys = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(B * n)]).view(B, n, k).int()
+    got_scores, got_terms = _native.gather_selected(scores, terms, keys)
+    assert torch.equal(got_scores, scores.gather(-1, keys.long()))
+    assert torch.equal(got_terms, terms.gather(-1, keys.long().unsqueeze(1).expand(-1, J, -1, -1)).transpose(1, 2))
+
+
+def test_kernels_refuse_other_dtypes_and_layouts():
+    keys = torch.zeros(1, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="float64"):
+        _native.sampled_dot(torch.zeros(1, 2, 1, 4, dtype=torch.float64), torch.zeros(1, 2, 1, 4), keys, 0)
+    with pytest.raises(ValueError, match="contiguous: False"):
+        _native.sampled_dot(torch.zeros(1, 2, 1, 8)[..., ::2], torch.zeros(1, 2, 1, 4), keys, 0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+@pytest.mark.parametrize("start,T", [(0, 23), (6, 17)])
+def test_training_path_equals_the_csr_path_in_float64(n_kv_heads, start, T):
+    """Output, indexer KL and the gradients of the input and of every weight (the indexer's through
+    its KL) of the float32 native path against the CSR path in float64, B=2, chunks of 5; with
+    ``start > 0`` a prefill block after cached keys (no gradients there)."""
+    model = ModelConfig(**TINY_MODEL)
+    attn = resolve_attention({"name": "sparse", "top_k": 6, "n_kv_heads": n_kv_heads, "index_head_dim": 8,
+                              "chunk_size": 5, "indexer_loss_weight": 0.5}, model).build(model, 0).train()
+    x = torch.randn(2, T, 64, generator=torch.Generator().manual_seed(T))
+    prefix = torch.randn(2, start, 64, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for kernel, dtype in (("native", torch.float32), ("csr", torch.float64)):
+        attn.to(dtype).kernel = kernel
+        xk = x.to(dtype).requires_grad_()
+        ctx = AttentionContext(RotaryEmbedding(), training=True, step=1, record_stats=True)
+        if start:
+            cache = attn.init_cache(2, start + T, "cpu", dtype)
+            with torch.no_grad():
+                attn(prefix.to(dtype), AttentionContext(RotaryEmbedding()), cache)
+            ctx = AttentionContext(RotaryEmbedding(), start_pos=start, record_stats=True)
+            with torch.no_grad():
+                results[kernel] = (attn(xk, ctx, cache), ctx.stats["indexer_kl"])
+            continue
+        y = attn(xk, ctx)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum() + ctx.aux_losses["indexer_kl"]
+        results[kernel] = (y, ctx.stats["indexer_kl"], *torch.autograd.grad(loss, [xk, *attn.parameters()]))
+    for got, want in zip(results["native"], results["csr"]):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_chosen_for_float32_on_cpu_only():
+    cpu = torch.device("cpu")
+    assert selected_attention_kernel(cpu, 0.0, torch.float32) == "native"
+    assert selected_attention_kernel(cpu, 0.0, torch.bfloat16) == "native"  # computed in float32
+    assert selected_attention_kernel(cpu, 0.0, torch.float64) == "csr"
+    assert selected_attention_kernel(cpu, 0.1, torch.float32) == "gathered"
+
+
+def test_selection_through_the_kernels_equals_the_pytorch_selection():
+    gen = torch.Generator().manual_seed(3)
+    B, H_I, T, D_I, start = 2, 3, 40, 4, 5
+    index_q, index_k = torch.randn(B, H_I, T, D_I, generator=gen), torch.randn(B, start + T, D_I, generator=gen)
+    index_w = torch.randint(-1, 2, (B, T, H_I), generator=gen).float()  # exact zeros: ties
+    got = topk_attention.select_top_k_chunked(index_q, index_k, index_w, start, 9, 7, True, native=True)
+    want = topk_attention.select_top_k_chunked(index_q, index_k, index_w, start, 9, 7, True)
+    scores = index_scores(index_q, index_k, index_w)
+    for selection in (got, want):
+        mask = torch.zeros(B, T, start + T, dtype=torch.bool).scatter_(-1, selection.keys.long(), True)
+        assert torch.equal(mask & causal_mask(T, start + T, start, "cpu"),
+                           select_top_k(scores, causal_mask(T, start + T, start, "cpu"), 9))
+    order_got, order_want = got.keys.long().sort(-1), want.keys.long().sort(-1)
+    torch.testing.assert_close(got.scores.gather(-1, order_got.indices), want.scores.gather(-1, order_want.indices))
+    torch.testing.assert_close(got.relu.gather(-1, order_got.indices.unsqueeze(2).expand(-1, -1, H_I, -1)),
+                               want.relu.gather(-1, order_want.indices.unsqueeze(2).expand(-1, -1, H_I, -1)))
+
+
+@pytest.fixture
+def fresh_library():
+    _native.library.cache_clear()
+    yield
+    _native.library.cache_clear()
+
+
+def test_disabled_or_unbuildable_falls_back_to_pytorch(monkeypatch, fresh_library, caplog, tmp_path):
+    monkeypatch.setenv("ATTNLAB_NATIVE", "0")
+    assert not _native.available()
+    assert selected_attention_kernel(torch.device("cpu"), 0.0, torch.float32) == "csr"
+    _native.library.cache_clear()
+    monkeypatch.delenv("ATTNLAB_NATIVE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with caplog.at_level(logging.WARNING, logger="attnlab.attention._native"):
+        assert not _native.available()
+    assert "uses PyTorch operations" in caplog.text
+    assert not list(tmp_path.rglob("*.so*"))  # no partial library left behind
