@@ -9,8 +9,7 @@ import logging
 import pytest
 import torch
 
-from attnlab.attention import AttentionContext, causal_mask, resolve_attention
-from attnlab.attention import _native
+from attnlab.attention import AttentionContext, _native, causal_mask, resolve_attention
 from attnlab.attention import _topk_attention as topk_attention
 from attnlab.attention.kernels import selected_attention_kernel
 from attnlab.attention.sparse import index_scores, select_top_k
