@@ -107,14 +107,26 @@ def test_top_k_equals_the_exact_rule_on_whole_rows(values, first_count, top_k):
     assert torch.equal(mask, select_top_k(scores, allowed, top_k))
 
 
-def test_gather_selected_reads_the_scores_and_terms_at_the_keys():
+def test_gather_selected_reads_the_scores_and_relu_terms_at_the_keys():
     gen = torch.Generator().manual_seed(0)
     B, n, E, J, k = 2, 5, 11, 3, 4
     scores, terms = torch.randn(B, n, E, generator=gen), torch.randn(B, J, n, E, generator=gen)
     keys = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(B * n)]).view(B, n, k).int()
     got_scores, got_terms = _native.gather_selected(scores, terms, keys)
     assert torch.equal(got_scores, scores.gather(-1, keys.long()))
-    assert torch.equal(got_terms, terms.gather(-1, keys.long().unsqueeze(1).expand(-1, J, -1, -1)).transpose(1, 2))
+    want_terms = terms.relu().gather(-1, keys.long().unsqueeze(1).expand(-1, J, -1, -1)).transpose(1, 2)
+    assert torch.equal(got_terms, want_terms)
+
+
+def test_index_scores_are_the_weighted_relu_sum_over_causal_positions():
+    gen = torch.Generator().manual_seed(0)
+    B, J, n, first = 2, 3, 6, 5
+    E = first + n - 1
+    products, weights = torch.randn(B, J, n, E, generator=gen), torch.randn(B, n, J, generator=gen)
+    got = _native.index_scores(products, weights, first)
+    want = torch.einsum("bjts,btj->bts", products.double().relu(), weights.double())
+    causal = causal_mask(n, E, first - 1, "cpu").expand(B, -1, -1)
+    torch.testing.assert_close(got[causal].double(), want[causal])
 
 
 def test_kernels_refuse_other_dtypes_and_layouts():

@@ -49,6 +49,7 @@ _SIGNATURES = {
     "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32, _i64, _i64],
     "top_k_latest": [_ptr] * 3 + [_i64] * 4 + [_i64, _i64],
     "gather_selected": [_ptr] * 5 + [_i64] * 4 + [_i64, _i64],
+    "index_scores": [_ptr] * 3 + [_i64] * 4 + [_i64, _i64],
 }
 
 
@@ -227,15 +228,30 @@ def top_k_latest(scores: Tensor, first_count: int, top_k: int) -> Tensor:
     return out
 
 
-def gather_selected(scores: Tensor, terms: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-    """``scores`` ``(B, n, E)`` and the heads' ``terms`` ``(B, J, n, E)`` at the selected ``keys``
-    ``(B, n, k)`` int32 -> ``(B, n, k)`` and ``(B, n, J, k)``."""
-    _check(scores, terms, keys)
+def index_scores(products: Tensor, weights: Tensor, first_count: int) -> Tensor:
+    """``I[b, t, s] = sum_j weights[b, t, j] ReLU(products[b, j, t, s])`` for the causal positions
+    ``s < first_count + t`` of each row: ``products`` ``(B, J, n, E)``, ``weights`` ``(B, n, J)`` ->
+    ``(B, n, E)``, whose entries after each row's causal end are left unset."""
+    products, weights = products.float().contiguous(), weights.float().contiguous()
+    B, J, n, E = products.shape
+    assert first_count + n - 1 <= E
+    out = products.new_empty(B, n, E)
+    lib = library()
+    _run([functools.partial(lib.index_scores, products.data_ptr(), weights.data_ptr(), out.data_ptr(), n, E, J,
+                            first_count, r0, r1)
+          for r0, r1 in _ranges(B * n, _threads(B * n), first_cost=first_count, cost_step=1 if B == 1 else 0)])
+    return out
+
+
+def gather_selected(scores: Tensor, products: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """``scores`` ``(B, n, E)`` and the heads' ``ReLU(products)`` (``products`` ``(B, J, n, E)``) at
+    the selected ``keys`` ``(B, n, k)`` int32 -> ``(B, n, k)`` and ``(B, n, J, k)``."""
+    _check(scores, products, keys)
     B, n, E = scores.shape
-    J, k = terms.shape[1], keys.shape[-1]
+    J, k = products.shape[1], keys.shape[-1]
     out_scores, out_terms = scores.new_empty(B, n, k), scores.new_empty(B, n, J, k)
     lib = library()
-    _run([functools.partial(lib.gather_selected, scores.data_ptr(), terms.data_ptr(), keys.data_ptr(),
+    _run([functools.partial(lib.gather_selected, scores.data_ptr(), products.data_ptr(), keys.data_ptr(),
                             out_scores.data_ptr(), out_terms.data_ptr(), n, E, J, k, r0, r1)
           for r0, r1 in _ranges(B * n, _threads(B * n))])
     return out_scores, out_terms

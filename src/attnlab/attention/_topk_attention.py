@@ -184,14 +184,15 @@ def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, star
             selection.relu[:, :head] = terms.transpose(1, 2)
     for a, b in query_chunks(head, T, chunk_size):
         end = start + b
-        terms = index_head_terms(index_q[:, :, a:b], index_k[:, :end])
-        scores = weighted_heads(terms, index_w[:, a:b])
-        if native:
+        if native:  # ReLU, head weights and top-k over each row's causal positions only
+            products = (index_q[:, :, a:b] @ index_k[:, :end].unsqueeze(1).transpose(-1, -2)).float()
+            scores = _native.index_scores(products, index_w[:, a:b], start + a + 1)
             keys[:, a:b] = chosen = _native.top_k_latest(scores, start + a + 1, top_k)
             if keep_for_kl:
-                selection.scores[:, a:b], selection.relu[:, a:b] = _native.gather_selected(
-                    scores.float().contiguous(), terms.float().contiguous(), chosen)
+                selection.scores[:, a:b], selection.relu[:, a:b] = _native.gather_selected(scores, products, chosen)
             continue
+        terms = index_head_terms(index_q[:, :, a:b], index_k[:, :end])
+        scores = weighted_heads(terms, index_w[:, a:b])
         future = torch.ones(b - a, b - a, dtype=torch.bool, device=device).triu(1)
         scores[:, :, start + a:].masked_fill_(future, float("-inf"))
         chosen = top_k_latest(scores, top_k)

@@ -248,10 +248,25 @@ void top_k_latest(const float *scores, int32_t *out, uint32_t *scratch, i64 E, i
     }
 }
 
-/* For the indexer's KL: the score and every head's term at each selected key. scores (B, n, E),
- * terms (B, J, n, E), keys (B, n, k) -> out_scores (B, n, k), out_terms (B, n, J, k); rows
- * r = b * n + t in [r0, r1). */
-void gather_selected(const float *scores, const float *terms, const int32_t *keys, float *out_scores,
+/* The lightning indexer's scores from its heads' products: out[b, t, s] = sum_j w[b, t, j] *
+ * ReLU(products[b, j, t, s]) over each row's causal positions s < n0 + t only (the rest of the row
+ * is left as it is: nothing reads it). products (B, J, n, E), w (B, n, J), out (B, n, E). */
+void index_scores(const float *products, const float *w, float *out, i64 n, i64 E, i64 J, i64 n0, i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+        const i64 b = r / n, t = r % n, count = n0 + t;
+        float *o = out + r * E;
+        for (i64 j = 0; j < J; ++j) {
+            const float *p = products + ((b * J + j) * n + t) * E, weight = w[r * J + j];
+            if (j == 0) for (i64 s = 0; s < count; ++s) o[s] = weight * (p[s] > 0.0f ? p[s] : 0.0f);
+            else for (i64 s = 0; s < count; ++s) o[s] += weight * (p[s] > 0.0f ? p[s] : 0.0f);
+        }
+    }
+}
+
+/* For the indexer's KL: the score and every head's ReLU term at each selected key. scores (B, n, E),
+ * products (B, J, n, E) (before the ReLU), keys (B, n, k) -> out_scores (B, n, k), out_terms
+ * (B, n, J, k); rows r = b * n + t in [r0, r1). */
+void gather_selected(const float *scores, const float *products, const int32_t *keys, float *out_scores,
                      float *out_terms, i64 n, i64 E, i64 J, i64 k, i64 r0, i64 r1) {
     for (i64 r = r0; r < r1; ++r) {
         const i64 b = r / n, t = r % n;
@@ -259,9 +274,12 @@ void gather_selected(const float *scores, const float *terms, const int32_t *key
         const float *row = scores + r * E;
         for (i64 slot = 0; slot < k; ++slot) out_scores[r * k + slot] = row[row_keys[slot]];
         for (i64 j = 0; j < J; ++j) {
-            const float *term_row = terms + ((b * J + j) * n + t) * E;
+            const float *product_row = products + ((b * J + j) * n + t) * E;
             float *o = out_terms + (r * J + j) * k;
-            for (i64 slot = 0; slot < k; ++slot) o[slot] = term_row[row_keys[slot]];
+            for (i64 slot = 0; slot < k; ++slot) {
+                const float value = product_row[row_keys[slot]];
+                o[slot] = value > 0.0f ? value : 0.0f;
+            }
         }
     }
 }
