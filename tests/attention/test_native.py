@@ -39,12 +39,22 @@ def naive_entries(B, T, H, G, K, keys, start):
                         yield b, t, h, slot, key, h // (H // G)
 
 
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("G", [4, 2, 1])
 @pytest.mark.parametrize("D", [32, 12])
 @pytest.mark.parametrize("start", [0, 3])
-def test_products_and_backward_equal_naive_loops(G, D, start):
+def test_products_and_backward_equal_naive_loops(threads, G, D, start):
     """SDDMM, SpMM with its fused transpose, and the fused attention backward, for MHA/GQA/MQA
-    groups, a head width the kernels specialise (32) and one they do not (12), padding rows."""
+    groups, a head width the kernels specialise (32) and one they do not (12), padding rows; on one
+    thread and on two (which split the KV groups where there are enough, else the rows)."""
     gen = torch.Generator().manual_seed(D + G + start)
     B, T, H, K = 2, 9, 4, 5
     S = start + T

@@ -46,10 +46,11 @@ _ptr = ctypes.c_void_p
 _SIGNATURES = {
     "sampled_dot": [_ptr] * 4 + [_i64] * 7 + [_f32, _f32, _i64, _i64],
     "gather_sum": [_ptr] * 6 + [_i64] * 7 + [_i64, _i64],
-    "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32, _i64, _i64],
+    "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32] + [_i64] * 4,
     "top_k_latest": [_ptr] * 3 + [_i64] * 4 + [_i64, _i64],
     "gather_selected": [_ptr] * 5 + [_i64] * 4 + [_i64, _i64],
     "index_scores": [_ptr] * 3 + [_i64] * 4 + [_i64, _i64],
+    "indexer_kl_backward": [_ptr] * 8 + [_i64] * 6 + [_i64, _i64],
 }
 
 
@@ -196,19 +197,29 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int
     """Gradients of softmax attention over the selected keys, one pass over each query's keys:
     ``q, grad_out`` ``(B, T, H, D)``, ``k, v`` ``(B, S, G, D)``, ``probs`` ``(B, T, H, K)``,
     ``delta`` ``(B, T, H)`` (``grad_out . out``) -> ``grad_q`` ``(B, T, H, D)``, ``grad_k, grad_v``
-    ``(B, S, G, D)``."""
+    ``(B, S, G, D)``.
+
+    Threads take whole KV groups where there are enough (each writes its own slice of the key and
+    value gradients: no per-thread tables, and each reads a share of the keys), else row ranges
+    with one pair of gradient tables each (MQA)."""
     _check(q, k, v, keys, probs, grad_out, delta)
     B, T, H, _ = q.shape
+    G = k.shape[2]
+    threads, per_group = torch.get_num_threads(), H // G
+    if G >= threads > 1 and G % threads == 0:
+        groups = G // threads
+        tasks = [(i * groups * per_group, (i + 1) * groups * per_group, 0, B * T, 0) for i in range(threads)]
+    else:
+        tasks = [(0, H, r0, r1, i) for i, (r0, r1) in enumerate(_ranges(B * T, _threads(B * T)))]
     grad_q = torch.empty_like(q)
-    parts = _ranges(B * T, _threads(B * T))
-    grad_kv = k.new_zeros(2, len(parts), *k.shape)
+    grad_kv = k.new_zeros(2, 1 + max(task[-1] for task in tasks), *k.shape)
     args = _shape_args(q, k, keys, start)
     lib = library()
     _run([functools.partial(lib.attention_backward, q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(),
                             probs.data_ptr(), grad_out.data_ptr(), delta.data_ptr(), grad_q.data_ptr(),
-                            grad_kv[0, i].data_ptr(), grad_kv[1, i].data_ptr(), *args, scale, r0, r1)
-          for i, (r0, r1) in enumerate(parts)])
-    grad_k, grad_v = grad_kv.sum(1) if len(parts) > 1 else grad_kv[:, 0]
+                            grad_kv[0, table].data_ptr(), grad_kv[1, table].data_ptr(), *args, scale, h0, h1, r0, r1)
+          for h0, h1, r0, r1, table in tasks])
+    grad_k, grad_v = grad_kv.sum(1) if grad_kv.shape[1] > 1 else grad_kv[:, 0]
     return grad_q, grad_k, grad_v
 
 
@@ -226,6 +237,25 @@ def top_k_latest(scores: Tensor, first_count: int, top_k: int) -> Tensor:
     _run([functools.partial(lib.top_k_latest, scores.data_ptr(), out.data_ptr(), scratch[i].data_ptr(), E,
                             first_count, n, top_k, r0, r1) for i, (r0, r1) in enumerate(parts)])
     return out
+
+
+def indexer_kl_backward(grad_scores: Tensor, weights: Tensor, terms: Tensor, index_k: Tensor, index_q: Tensor,
+                        keys: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """The indexer KL's gradient with respect to the queries and the keys, from its gradient
+    ``grad_scores`` ``(B, T, K)`` at the selected scores ``I = sum_j w_j ReLU(q_j . k)``:
+    ``weights`` ``(B, T, J)``, the ReLU ``terms`` ``(B, T, J, K)``, ``index_k`` ``(B, S, D)``,
+    ``index_q`` ``(B, T, J, D)`` -> ``grad_q`` ``(B, T, J, D)``, ``grad_k`` ``(B, S, D)``."""
+    _check(grad_scores, weights, terms, index_k, index_q, keys)
+    B, T, J, D = index_q.shape
+    S, K = index_k.shape[1], keys.shape[-1]
+    grad_q = torch.empty_like(index_q)
+    parts = _ranges(B * T, _threads(B * T))
+    grad_k = index_k.new_zeros(len(parts), *index_k.shape)
+    lib = library()
+    _run([functools.partial(lib.indexer_kl_backward, grad_scores.data_ptr(), weights.data_ptr(), terms.data_ptr(),
+                            index_k.data_ptr(), index_q.data_ptr(), keys.data_ptr(), grad_q.data_ptr(),
+                            grad_k[i].data_ptr(), T, J, S, D, K, start, r0, r1) for i, (r0, r1) in enumerate(parts)])
+    return grad_q, grad_k.sum(0) if len(parts) > 1 else grad_k[0]
 
 
 def index_scores(products: Tensor, weights: Tensor, first_count: int) -> Tensor:

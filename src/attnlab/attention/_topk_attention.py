@@ -592,13 +592,11 @@ class SelectedIndexerKL(torch.autograd.Function):
             grad_w = torch.einsum("bts,btjs->btj", grad_scores, relu)
             q_rows = index_q.to(dtype).transpose(1, 2)  # (B, T, H_I, D_I)
             if native:  # the C kernels take float32
-                # d KL / d (q_j . k_s) = g_s w_j where the ReLU passes: (B, T, H_I, K)
                 f32 = torch.float32
-                grad_products = (grad_scores.unsqueeze(2) * index_w.unsqueeze(-1)).mul_(relu.sign()).to(f32)
-                k_table = index_k.to(f32).view(B, S, 1, D_I).contiguous()
-                grad_q, grad_k = _native.gather_sum(grad_products, k_table, selection.keys, selection.start,
-                                                    rows=q_rows.to(f32).contiguous())
-                ctx.save_for_backward(grad_q.transpose(1, 2).to(dtype), grad_k.view(B, S, D_I).to(dtype), grad_w)
+                grad_q, grad_k = _native.indexer_kl_backward(
+                    grad_scores.to(f32).contiguous(), index_w.to(f32).contiguous(), relu.to(f32).contiguous(),
+                    index_k.to(f32).contiguous(), q_rows.to(f32).contiguous(), selection.keys, selection.start)
+                ctx.save_for_backward(grad_q.transpose(1, 2).to(dtype), grad_k.to(dtype), grad_w)
                 return loss
             k_rows = index_k.to(dtype).reshape(B * S, D_I)
             grad_q = q_rows.new_empty(B, T, H_I, D_I)

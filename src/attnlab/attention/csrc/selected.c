@@ -103,37 +103,70 @@ static inline __attribute__((always_inline)) void gather_sum_impl(
 /* The backward pass of softmax attention over the selected keys, one pass over each row's keys:
  * with p (R, H, K) the probabilities, dO (R, H, D) the output's gradient and delta[r, h] = dO . O,
  *   ds = scale * p * (dO . v - delta),  dq += ds k,  dk += ds q,  dv += p dO
- * dq (R, H, D) is written; dk, dv (B, S, G, D) accumulate (one pair per thread). */
+ * for the heads h0..h1 (whole groups) of rows r0..r1: dq (R, H, D) is written there; dk, dv
+ * (B, S, G, D) accumulate. Threads split either the groups (sharing dk, dv: no row of theirs
+ * overlaps) or the rows (one dk, dv pair each). */
 static inline __attribute__((always_inline)) void attention_backward_impl(
         const float *q, const float *k_table, const float *v_table, const int32_t *keys, const float *p,
         const float *grad_out, const float *delta, float *grad_q, float *grad_k, float *grad_v,
-        i64 T, i64 H, i64 G, i64 S, const i64 D, i64 K, i64 start, float scale, i64 r0, i64 r1) {
+        i64 T, i64 H, i64 G, i64 S, const i64 D, i64 K, i64 start, float scale, i64 h0, i64 h1, i64 r0, i64 r1) {
     GROUP_OFFSETS()
+    const i64 first = group_offset[h0], width = group_offset[h1 - 1] + D - first;  /* the groups' slice */
     for (i64 r = r0; r < r1; ++r) {
         ROW_SETUP(k_table, G * D)
         const i64 offset = base - k_table;  /* the same rows of every (B, S, G, D) table */
         const float *pr = p + r * H * K, *qr = q + r * H * D, *dor = grad_out + r * H * D, *dr = delta + r * H;
         float *dq = grad_q + r * H * D, ds[H];
-        memset(dq, 0, H * D * sizeof(float));
+        memset(dq + h0 * D, 0, (h1 - h0) * D * sizeof(float));
         for (i64 slot = 0; slot < K; ++slot) {
-            const float *k_rows = entry(base, row_keys, slot, K, G * D, position);
-            if (!k_rows) continue;
-            const i64 at = offset + (k_rows - base);
-            const float *v_rows = v_table + at;
-            if (slot + PREFETCH < K) {
-                const i64 next = offset + row_keys[slot + PREFETCH] * G * D;
-                prefetch_rows(v_table + next, G * D, 0);
-                prefetch_rows(grad_k + next, G * D, 1);
-                prefetch_rows(grad_v + next, G * D, 1);
+            if (slot + PREFETCH < K) {  /* the keys are scattered over the tables: fetch ahead */
+                const i64 next = offset + row_keys[slot + PREFETCH] * G * D + first;
+                prefetch_rows(k_table + next, width, 0);
+                prefetch_rows(v_table + next, width, 0);
+                prefetch_rows(grad_k + next, width, 1);
+                prefetch_rows(grad_v + next, width, 1);
             }
+            const i64 key = row_keys[slot];
+            if (key > position) continue;  /* padding */
+            const i64 at = offset + key * G * D;
+            const float *k_rows = k_table + at, *v_rows = v_table + at;
             float *dk_rows = grad_k + at, *dv_rows = grad_v + at;
             /* every head's dot product first: independent, they overlap; each axpy waits for one */
-            for (i64 h = 0; h < H; ++h) ds[h] = dot(dor + h * D, v_rows + group_offset[h], D);
-            for (i64 h = 0; h < H; ++h) {
+            for (i64 h = h0; h < h1; ++h) ds[h] = dot(dor + h * D, v_rows + group_offset[h], D);
+            for (i64 h = h0; h < h1; ++h) {
                 const float prob = pr[h * K + slot], grad_logit = scale * prob * (ds[h] - dr[h]);
                 axpy(dq + h * D, grad_logit, k_rows + group_offset[h], D);
                 axpy(dk_rows + group_offset[h], grad_logit, qr + h * D, D);
                 axpy(dv_rows + group_offset[h], prob, dor + h * D, D);
+            }
+        }
+    }
+}
+
+/* The gradient of the indexer's KL over the selected keys with respect to its queries q_j (R, J, D)
+ * and its key table (B, S, D): with c = g[r, slot] * w[r, j] where ReLU(q_j . k) > 0 (terms
+ * (R, J, K) hold the ReLU values), grad_q[r, j] = sum_slot c k[key] and grad_k[key] += c q_j[r]
+ * (one grad_k per thread). g (R, K), w (R, J). */
+static inline __attribute__((always_inline)) void indexer_kl_backward_impl(
+        const float *g, const float *w, const float *terms, const float *k_table, const float *q,
+        const int32_t *keys, float *grad_q, float *grad_k, i64 T, i64 J, i64 S, const i64 D, i64 K, i64 start,
+        i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+        const i64 batch = r / T, position = start + r % T;
+        const int32_t *row_keys = keys + r * K;
+        const float *base = k_table + batch * S * D, *qr = q + r * J * D, *wr = w + r * J, *tr = terms + r * J * K;
+        float *grad_base = grad_k + batch * S * D, *dq = grad_q + r * J * D;
+        memset(dq, 0, J * D * sizeof(float));
+        for (i64 slot = 0; slot < K; ++slot) {
+            const float *k_row = entry(base, row_keys, slot, K, D, position);
+            if (!k_row || g[r * K + slot] == 0.0f) continue;
+            float *grad_row = grad_base + (k_row - base);
+            if (slot + PREFETCH < K) prefetch_rows(grad_base + row_keys[slot + PREFETCH] * D, D, 1);
+            for (i64 j = 0; j < J; ++j) {
+                if (tr[j * K + slot] <= 0.0f) continue;  /* the ReLU passes no gradient */
+                const float c = g[r * K + slot] * wr[j];
+                axpy(dq + j * D, c, k_row, D);
+                axpy(grad_row, c, qr + j * D, D);
             }
         }
     }
@@ -164,12 +197,21 @@ void gather_sum(const float *w, const float *table, const int32_t *keys, float *
 #undef CALL
 }
 
+void indexer_kl_backward(const float *g, const float *w, const float *terms, const float *k_table, const float *q,
+                         const int32_t *keys, float *grad_q, float *grad_k, i64 T, i64 J, i64 S, i64 D, i64 K,
+                         i64 start, i64 r0, i64 r1) {
+#define CALL(width) indexer_kl_backward_impl(g, w, terms, k_table, q, keys, grad_q, grad_k, T, J, S, width, K, \
+                                             start, r0, r1)
+    DISPATCH_D(CALL)
+#undef CALL
+}
+
 void attention_backward(const float *q, const float *k_table, const float *v_table, const int32_t *keys,
                         const float *p, const float *grad_out, const float *delta, float *grad_q, float *grad_k,
                         float *grad_v, i64 T, i64 H, i64 G, i64 S, i64 D, i64 K, i64 start, float scale,
-                        i64 r0, i64 r1) {
+                        i64 h0, i64 h1, i64 r0, i64 r1) {
 #define CALL(width) attention_backward_impl(q, k_table, v_table, keys, p, grad_out, delta, grad_q, grad_k, \
-                                            grad_v, T, H, G, S, width, K, start, scale, r0, r1)
+                                            grad_v, T, H, G, S, width, K, start, scale, h0, h1, r0, r1)
     DISPATCH_D(CALL)
 #undef CALL
 }
