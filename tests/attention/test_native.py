@@ -96,20 +96,21 @@ def test_products_and_backward_equal_naive_loops(threads, G, D, start):
 def test_top_k_equals_the_exact_rule_on_whole_rows(values, first_count, top_k):
     """The top-k of each row's causal positions, ties at the threshold to the latest positions,
     in ascending order: the same set as :func:`select_top_k`, including rows where the sampled
-    bound keeps too few candidates (the largest values sit on the sampled positions)."""
+    bound keeps too few candidates (the largest values sit on the sampled positions). One head of
+    weight 1 and non-negative products, so that the scores are the products themselves."""
     gen = torch.Generator().manual_seed(first_count)
     B, n = 2, 12
     E = first_count + n - 1
     if values == "continuous":
-        scores = torch.randn(B, n, E, generator=gen)
+        scores = torch.rand(B, n, E, generator=gen)
     elif values == "ties":
-        scores = torch.randint(-2, 3, (B, n, E), generator=gen).float()
+        scores = torch.randint(0, 3, (B, n, E), generator=gen).float()
     elif values == "flat":
         scores = torch.zeros(B, n, E)
     else:
-        scores = torch.randn(B, n, E, generator=gen)
+        scores = torch.rand(B, n, E, generator=gen)
         scores[..., ::8] += 100.0
-    got = _native.top_k_latest(scores, first_count, top_k)
+    got, _, _ = _native.select_chunk(scores.unsqueeze(1), torch.ones(B, n, 1), first_count, top_k, False)
     assert got.dtype == torch.int32 and got.shape == (B, n, top_k)
     assert (got[..., 1:] > got[..., :-1]).all()
     allowed = causal_mask(n, E, first_count - 1, "cpu")
@@ -117,26 +118,21 @@ def test_top_k_equals_the_exact_rule_on_whole_rows(values, first_count, top_k):
     assert torch.equal(mask, select_top_k(scores, allowed, top_k))
 
 
-def test_gather_selected_reads_the_scores_and_relu_terms_at_the_keys():
+def test_chunk_selection_scores_heads_and_keeps_the_kl_inputs():
+    """Scores ``sum_j w_j ReLU(products_j)`` (negative head weights too), their top-k, and the
+    scores and ReLU terms at the chosen keys."""
     gen = torch.Generator().manual_seed(0)
-    B, n, E, J, k = 2, 5, 11, 3, 4
-    scores, terms = torch.randn(B, n, E, generator=gen), torch.randn(B, J, n, E, generator=gen)
-    keys = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(B * n)]).view(B, n, k).int()
-    got_scores, got_terms = _native.gather_selected(scores, terms, keys)
-    assert torch.equal(got_scores, scores.gather(-1, keys.long()))
-    want_terms = terms.relu().gather(-1, keys.long().unsqueeze(1).expand(-1, J, -1, -1)).transpose(1, 2)
-    assert torch.equal(got_terms, want_terms)
-
-
-def test_index_scores_are_the_weighted_relu_sum_over_causal_positions():
-    gen = torch.Generator().manual_seed(0)
-    B, J, n, first = 2, 3, 6, 5
+    B, J, n, first, top_k = 2, 3, 6, 9, 4
     E = first + n - 1
     products, weights = torch.randn(B, J, n, E, generator=gen), torch.randn(B, n, J, generator=gen)
-    got = _native.index_scores(products, weights, first)
-    want = torch.einsum("bjts,btj->bts", products.double().relu(), weights.double())
-    causal = causal_mask(n, E, first - 1, "cpu").expand(B, -1, -1)
-    torch.testing.assert_close(got[causal].double(), want[causal])
+    keys, scores, terms = _native.select_chunk(products, weights, first, top_k, True)
+    want_scores = torch.einsum("bjts,btj->bts", products.double().relu(), weights.double())
+    causal = causal_mask(n, E, first - 1, "cpu")
+    mask = torch.zeros(B, n, E, dtype=torch.bool).scatter_(-1, keys.long(), True)
+    assert torch.equal(mask, select_top_k(want_scores.float(), causal, top_k))
+    torch.testing.assert_close(scores.double(), want_scores.gather(-1, keys.long()))
+    want_terms = products.relu().gather(-1, keys.long().unsqueeze(1).expand(-1, J, -1, -1)).transpose(1, 2)
+    assert torch.equal(terms, want_terms)
 
 
 def test_kernels_refuse_other_dtypes_and_layouts():

@@ -47,10 +47,8 @@ _SIGNATURES = {
     "sampled_dot": [_ptr] * 4 + [_i64] * 7 + [_f32, _f32, _i64, _i64],
     "gather_sum": [_ptr] * 6 + [_i64] * 7 + [_i64, _i64],
     "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32] + [_i64] * 4,
-    "top_k_latest": [_ptr] * 3 + [_i64] * 4 + [_i64, _i64],
-    "gather_selected": [_ptr] * 5 + [_i64] * 4 + [_i64, _i64],
-    "index_scores": [_ptr] * 3 + [_i64] * 4 + [_i64, _i64],
     "indexer_kl_backward": [_ptr] * 8 + [_i64] * 6 + [_i64, _i64],
+    "select_chunk": [_ptr] * 6 + [_i64] * 5 + [_i64, _i64],
 }
 
 
@@ -223,22 +221,6 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int
     return grad_q, grad_k, grad_v
 
 
-def top_k_latest(scores: Tensor, first_count: int, top_k: int) -> Tensor:
-    """Positions ``(B, n, top_k)`` int32, ascending, of the ``top_k`` highest of each row's first
-    ``first_count + t`` entries of ``scores`` ``(B, n, E)`` float32 (row ``t``'s causal positions),
-    ties at the threshold going to the latest positions. Every row needs more than ``top_k``."""
-    scores = scores.float().contiguous()
-    B, n, E = scores.shape
-    assert first_count > top_k and first_count + n - 1 <= E
-    out = torch.empty(B, n, top_k, dtype=torch.int32)
-    parts = _ranges(B * n, _threads(B * n), first_cost=first_count, cost_step=1 if B == 1 else 0)
-    scratch = torch.empty(len(parts), 2 * E, dtype=torch.int32)
-    lib = library()
-    _run([functools.partial(lib.top_k_latest, scores.data_ptr(), out.data_ptr(), scratch[i].data_ptr(), E,
-                            first_count, n, top_k, r0, r1) for i, (r0, r1) in enumerate(parts)])
-    return out
-
-
 def indexer_kl_backward(grad_scores: Tensor, weights: Tensor, terms: Tensor, index_k: Tensor, index_q: Tensor,
                         keys: Tensor, start: int) -> tuple[Tensor, Tensor]:
     """The indexer KL's gradient with respect to the queries and the keys, from its gradient
@@ -258,30 +240,27 @@ def indexer_kl_backward(grad_scores: Tensor, weights: Tensor, terms: Tensor, ind
     return grad_q, grad_k.sum(0) if len(parts) > 1 else grad_k[0]
 
 
-def index_scores(products: Tensor, weights: Tensor, first_count: int) -> Tensor:
-    """``I[b, t, s] = sum_j weights[b, t, j] ReLU(products[b, j, t, s])`` for the causal positions
-    ``s < first_count + t`` of each row: ``products`` ``(B, J, n, E)``, ``weights`` ``(B, n, J)`` ->
-    ``(B, n, E)``, whose entries after each row's causal end are left unset."""
+def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int, keep_for_kl: bool
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The lightning indexer's top-k for a chunk of ``n`` queries from its heads' products
+    ``q_j . k`` ``(B, J, n, E)`` and head weights ``(B, n, J)``: the scores ``sum_j w_j ReLU(q_j . k)``
+    of row ``t``'s causal positions ``s < first_count + t``, and their ``top_k`` highest, ties at
+    the threshold going to the latest positions (``first_count > top_k``).
+
+    Returns the positions ``(B, n, top_k)`` int32, ascending, and when ``keep_for_kl`` the scores
+    ``(B, n, top_k)`` and ReLU terms ``(B, n, J, top_k)`` there. One row at a time: a row's product
+    rows stay in cache from its scores to its terms, and no ``(n, E)`` score matrix is written."""
     products, weights = products.float().contiguous(), weights.float().contiguous()
     B, J, n, E = products.shape
-    assert first_count + n - 1 <= E
-    out = products.new_empty(B, n, E)
+    assert top_k < first_count and first_count + n - 1 <= E
+    keys = torch.empty(B, n, top_k, dtype=torch.int32)
+    scores = products.new_empty(B, n, top_k) if keep_for_kl else None
+    terms = products.new_empty(B, n, J, top_k) if keep_for_kl else None
+    parts = _ranges(B * n, _threads(B * n), first_cost=first_count, cost_step=1 if B == 1 else 0)
+    scratch = torch.empty(len(parts), 3 * E, dtype=torch.int32)
     lib = library()
-    _run([functools.partial(lib.index_scores, products.data_ptr(), weights.data_ptr(), out.data_ptr(), n, E, J,
-                            first_count, r0, r1)
-          for r0, r1 in _ranges(B * n, _threads(B * n), first_cost=first_count, cost_step=1 if B == 1 else 0)])
-    return out
-
-
-def gather_selected(scores: Tensor, products: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-    """``scores`` ``(B, n, E)`` and the heads' ``ReLU(products)`` (``products`` ``(B, J, n, E)``) at
-    the selected ``keys`` ``(B, n, k)`` int32 -> ``(B, n, k)`` and ``(B, n, J, k)``."""
-    _check(scores, products, keys)
-    B, n, E = scores.shape
-    J, k = products.shape[1], keys.shape[-1]
-    out_scores, out_terms = scores.new_empty(B, n, k), scores.new_empty(B, n, J, k)
-    lib = library()
-    _run([functools.partial(lib.gather_selected, scores.data_ptr(), products.data_ptr(), keys.data_ptr(),
-                            out_scores.data_ptr(), out_terms.data_ptr(), n, E, J, k, r0, r1)
-          for r0, r1 in _ranges(B * n, _threads(B * n))])
-    return out_scores, out_terms
+    _run([functools.partial(lib.select_chunk, products.data_ptr(), weights.data_ptr(), keys.data_ptr(),
+                            None if scores is None else scores.data_ptr(), None if terms is None else terms.data_ptr(),
+                            scratch[i].data_ptr(), n, E, J, first_count, top_k, r0, r1)
+          for i, (r0, r1) in enumerate(parts)])
+    return keys, scores, terms

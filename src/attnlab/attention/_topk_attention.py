@@ -167,8 +167,8 @@ def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, star
     ``index_q`` ``(B, H_I, T, D_I)`` at positions ``start..start+T``, ``index_k`` ``(B, S, D_I)``
     with ``S = start + T > top_k``, ``index_w`` ``(B, T, H_I)``. A chunk of ``n`` queries ending at
     position ``e`` scores keys ``< e`` only: ``(B, H_I, n, e)`` at most, never ``T x S``.
-    ``native``: each chunk's top-k by :func:`~attnlab.attention._native.top_k_latest` (float32 on
-    CPU), which reads each row's causal positions only, so the future needs no mask."""
+    ``native``: each chunk's scores and top-k by :func:`~attnlab.attention._native.select_chunk`
+    (float32 on CPU), which reads each row's causal positions only, so the future needs no mask."""
     B, H_I, T, _ = index_q.shape
     device = index_q.device
     head = min(T, max(0, top_k - start))  # rows at positions < top_k keep all their positions
@@ -184,12 +184,12 @@ def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, star
             selection.relu[:, :head] = terms.transpose(1, 2)
     for a, b in query_chunks(head, T, chunk_size):
         end = start + b
-        if native:  # ReLU, head weights and top-k over each row's causal positions only
-            products = (index_q[:, :, a:b] @ index_k[:, :end].unsqueeze(1).transpose(-1, -2)).float()
-            scores = _native.index_scores(products, index_w[:, a:b], start + a + 1)
-            keys[:, a:b] = chosen = _native.top_k_latest(scores, start + a + 1, top_k)
+        if native:  # ReLU, head weights, top-k and the KL's inputs row by row, causal positions only
+            products = index_q[:, :, a:b] @ index_k[:, :end].unsqueeze(1).transpose(-1, -2)  # (B, H_I, n, e)
+            chosen, scores, relu = _native.select_chunk(products, index_w[:, a:b], start + a + 1, top_k, keep_for_kl)
+            keys[:, a:b] = chosen
             if keep_for_kl:
-                selection.scores[:, a:b], selection.relu[:, a:b] = _native.gather_selected(scores, products, chosen)
+                selection.scores[:, a:b], selection.relu[:, a:b] = scores, relu
             continue
         terms = index_head_terms(index_q[:, :, a:b], index_k[:, :end])
         scores = weighted_heads(terms, index_w[:, a:b])

@@ -243,85 +243,69 @@ static uint32_t kth_largest(const uint32_t *a, i64 m, i64 k, i64 *greater) {
 
 #define SAMPLE_STRIDE 8
 
-/* The k highest of each row's first n(r) = n0 + r % rows_per_batch entries (its causal positions),
- * ties at the threshold going to the latest positions. scores (R, E) float32, out (R, k) int32 in
- * ascending position order; n(r) > k, n(r) <= E. `scratch` holds at least 2 * E uint32 per thread.
+/* The k highest of row[0..n), ties at the threshold going to the latest positions, written to
+ * out[0..k) in ascending position order (n > k); kept and kept_at hold n entries each.
  *
  * Every SAMPLE_STRIDE-th entry gives a value that about k + 3 sqrt(k) entries reach (a lower bound
  * on the k-th value as a rule); one pass keeps the entries at or above it, in position order, and a
  * radix selection among those few finds the exact k-th value. Where the bound keeps fewer than k
  * (a row whose sample misleads), the selection runs on the whole row. */
-void top_k_latest(const float *scores, int32_t *out, uint32_t *scratch, i64 E, i64 n0, i64 rows_per_batch,
-                  i64 k, i64 r0, i64 r1) {
-    uint32_t *kept = scratch, *kept_at = scratch + E;
-    for (i64 r = r0; r < r1; ++r) {
-        const float *row = scores + r * E;
-        const i64 n = n0 + r % rows_per_batch;
-        const i64 n_sample = n / SAMPLE_STRIDE;
-        const double expected = (double)k / SAMPLE_STRIDE;
-        const i64 rank = (i64)(expected + 3.0 * __builtin_sqrt(expected)) + 1;
-        uint32_t bound = 0;
-        i64 unused;
-        if (rank < n_sample) {
-            for (i64 i = 0; i < n_sample; ++i) kept[i] = ordered(row[i * SAMPLE_STRIDE]);
-            bound = kth_largest(kept, n_sample, rank, &unused);
-        }
-        i64 m = 0;
-        for (i64 s = 0; s < n; ++s) {
-            const uint32_t key = ordered(row[s]);
-            kept[m] = key;
-            kept_at[m] = (uint32_t)s;
-            m += key >= bound;
-        }
-        if (m < k) {  /* the bound was too high: every position is a candidate */
-            for (i64 s = 0; s < n; ++s) { kept[s] = ordered(row[s]); kept_at[s] = (uint32_t)s; }
-            m = n;
-        }
-        i64 greater;
-        const uint32_t threshold = kth_largest(kept, m, k, &greater);
-        i64 tied = 0;
-        for (i64 i = 0; i < m; ++i) tied += kept[i] == threshold;
-        i64 skip = tied - (k - greater);  /* the earliest tied positions that do not fit */
-        int32_t *o = out + r * k;
-        i64 written = 0;
-        for (i64 i = 0; i < m; ++i) {
-            if (kept[i] > threshold || (kept[i] == threshold && skip-- <= 0)) o[written++] = (int32_t)kept_at[i];
-        }
+static void select_row(const float *row, i64 n, i64 k, uint32_t *kept, uint32_t *kept_at, int32_t *out) {
+    const i64 n_sample = n / SAMPLE_STRIDE;
+    const double expected = (double)k / SAMPLE_STRIDE;
+    const i64 rank = (i64)(expected + 3.0 * __builtin_sqrt(expected)) + 1;
+    uint32_t bound = 0;
+    i64 unused;
+    if (rank < n_sample) {
+        for (i64 i = 0; i < n_sample; ++i) kept[i] = ordered(row[i * SAMPLE_STRIDE]);
+        bound = kth_largest(kept, n_sample, rank, &unused);
     }
+    i64 m = 0;
+    for (i64 s = 0; s < n; ++s) {
+        const uint32_t key = ordered(row[s]);
+        kept[m] = key;
+        kept_at[m] = (uint32_t)s;
+        m += key >= bound;
+    }
+    if (m < k) {  /* the bound was too high: every position is a candidate */
+        for (i64 s = 0; s < n; ++s) { kept[s] = ordered(row[s]); kept_at[s] = (uint32_t)s; }
+        m = n;
+    }
+    i64 greater;
+    const uint32_t threshold = kth_largest(kept, m, k, &greater);
+    i64 tied = 0;
+    for (i64 i = 0; i < m; ++i) tied += kept[i] == threshold;
+    i64 skip = tied - (k - greater);  /* the earliest tied positions that do not fit */
+    i64 written = 0;
+    for (i64 i = 0; i < m; ++i)
+        if (kept[i] > threshold || (kept[i] == threshold && skip-- <= 0)) out[written++] = (int32_t)kept_at[i];
 }
 
-/* The lightning indexer's scores from its heads' products: out[b, t, s] = sum_j w[b, t, j] *
- * ReLU(products[b, j, t, s]) over each row's causal positions s < n0 + t only (the rest of the row
- * is left as it is: nothing reads it). products (B, J, n, E), w (B, n, J), out (B, n, E). */
-void index_scores(const float *products, const float *w, float *out, i64 n, i64 E, i64 J, i64 n0, i64 r0, i64 r1) {
+/* The lightning indexer's selection for rows r = b * n + t of a query chunk, one row at a time (its
+ * heads' product rows stay in cache from the scores to the KL's terms):
+ *   I[s] = sum_j w[r, j] ReLU(products[b, j, t, s]) over the row's causal positions s < n0 + t,
+ *   keys[r] = the k highest (select_row), and, when out_scores is given, the KL's inputs at them:
+ *   out_scores[r, slot] = I[key], out_terms[r, j, slot] = ReLU(products[b, j, t, key]).
+ * products (B, J, n, E), w (B, n, J), keys (B, n, k); scratch: 3 * E 32-bit words per thread. */
+void select_chunk(const float *products, const float *w, int32_t *keys, float *out_scores, float *out_terms,
+                  uint32_t *scratch, i64 n, i64 E, i64 J, i64 n0, i64 k, i64 r0, i64 r1) {
+    float *row = (float *)scratch;
     for (i64 r = r0; r < r1; ++r) {
         const i64 b = r / n, t = r % n, count = n0 + t;
-        float *o = out + r * E;
+        const float *first = products + (b * J * n + t) * E;  /* head j's row: first + j * n * E */
         for (i64 j = 0; j < J; ++j) {
-            const float *p = products + ((b * J + j) * n + t) * E, weight = w[r * J + j];
-            if (j == 0) for (i64 s = 0; s < count; ++s) o[s] = weight * (p[s] > 0.0f ? p[s] : 0.0f);
-            else for (i64 s = 0; s < count; ++s) o[s] += weight * (p[s] > 0.0f ? p[s] : 0.0f);
+            const float *p = first + j * n * E, weight = w[r * J + j];
+            if (j == 0) for (i64 s = 0; s < count; ++s) row[s] = weight * (p[s] > 0.0f ? p[s] : 0.0f);
+            else for (i64 s = 0; s < count; ++s) row[s] += weight * (p[s] > 0.0f ? p[s] : 0.0f);
         }
-    }
-}
-
-/* For the indexer's KL: the score and every head's ReLU term at each selected key. scores (B, n, E),
- * products (B, J, n, E) (before the ReLU), keys (B, n, k) -> out_scores (B, n, k), out_terms
- * (B, n, J, k); rows r = b * n + t in [r0, r1). */
-void gather_selected(const float *scores, const float *products, const int32_t *keys, float *out_scores,
-                     float *out_terms, i64 n, i64 E, i64 J, i64 k, i64 r0, i64 r1) {
-    for (i64 r = r0; r < r1; ++r) {
-        const i64 b = r / n, t = r % n;
-        const int32_t *row_keys = keys + r * k;
-        const float *row = scores + r * E;
-        for (i64 slot = 0; slot < k; ++slot) out_scores[r * k + slot] = row[row_keys[slot]];
+        int32_t *chosen = keys + r * k;
+        select_row(row, count, k, scratch + E, scratch + 2 * E, chosen);
+        if (!out_scores) continue;
+        for (i64 slot = 0; slot < k; ++slot) out_scores[r * k + slot] = row[chosen[slot]];
         for (i64 j = 0; j < J; ++j) {
-            const float *product_row = products + ((b * J + j) * n + t) * E;
+            const float *p = first + j * n * E;
             float *o = out_terms + (r * J + j) * k;
-            for (i64 slot = 0; slot < k; ++slot) {
-                const float value = product_row[row_keys[slot]];
-                o[slot] = value > 0.0f ? value : 0.0f;
-            }
+            for (i64 slot = 0; slot < k; ++slot) o[slot] = p[chosen[slot]] > 0.0f ? p[chosen[slot]] : 0.0f;
         }
     }
 }
