@@ -9,7 +9,10 @@ chunk ending at position ``e`` only looks at keys ``< e`` (its causal end). What
   gradient), ``top_k`` of each row with ties at the threshold going to the latest positions,
   exactly as :func:`select_top_k` decides on a whole row.
 * :func:`selected_attention`: softmax attention of each query over its ``K`` selected keys.
-  On CPU (:class:`SelectedAttention`) with PyTorch's sparse CSR kernels: one sampled
+  On CPU in float32 (:class:`NativeSelectedAttention`) with the C kernels of
+  :mod:`~attnlab.attention._native`, which also select (:func:`select_top_k_chunked` with
+  ``native``) and compute the sparse stage's KL gradients. Without them
+  (:class:`SelectedAttention`) with PyTorch's sparse CSR kernels: one sampled
   matrix product (SDDMM) gives the ``K`` logits of every (query, head), one sparse-dense product
   (SpMM) the output, so no gathered copy of the keys or values is ever written. It is a custom
   autograd function that saves the output and the ``(B, T, H, K)`` probabilities (``O(T * K)``,

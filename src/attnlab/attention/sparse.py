@@ -52,7 +52,8 @@ starting sparse attention from a model trained densely, DeepSeek's case.
 (:mod:`attnlab.attention._topk_attention`): the indexer scores each chunk against the keys
 before its causal end (``T x S`` scores in all, DSA's design, never held at once) and picks each
 query's ``top_k`` keys; the main heads attend over those keys only, through kernels that skip
-the others (CSR SDDMM/SpMM on CPU, which keeps the ``(T, H, top_k)`` probabilities for its
+the others (on CPU the C kernels of :mod:`~attnlab.attention._native`, or PyTorch's CSR
+SDDMM/SpMM without a C compiler, both keeping the ``(T, H, top_k)`` probabilities for the
 backward pass; gathered SDPA on CUDA, recomputed per chunk under checkpointing). Memory is
 ``O(T * top_k)`` plus one chunk. On one CPU thread (exp10 model, vocabulary 256, batch 1;
 ``scripts/bench.py ... bench.threads=1``, three runs on a shared machine), ``sparse_256`` trains
