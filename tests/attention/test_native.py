@@ -52,7 +52,7 @@ def threads(request):
 @pytest.mark.parametrize("D", [32, 12])
 @pytest.mark.parametrize("start", [0, 3])
 def test_products_and_backward_equal_naive_loops(threads, G, D, start):
-    """SDDMM, SpMM with its fused transpose, and the fused attention backward, for MHA/GQA/MQA
+    """SDDMM, SpMM and the fused attention backward, for MHA/GQA/MQA
     groups, a head width the kernels specialise (32) and one they do not (12), padding rows; on one
     thread and on two (which split the KV groups where there are enough, else the rows)."""
     gen = torch.Generator().manual_seed(D + G + start)
@@ -66,13 +66,11 @@ def test_products_and_backward_equal_naive_loops(threads, G, D, start):
 
     logits = torch.full((B, T, H, K), float("-inf"), dtype=torch.float64)
     out = torch.zeros(B, T, H, D, dtype=torch.float64)
-    grad_table = torch.zeros(B, S, G, D, dtype=torch.float64)
     grad_q = torch.zeros(B, T, H, D, dtype=torch.float64)
-    grad_k, grad_v = torch.zeros_like(grad_table), torch.zeros_like(grad_table)
+    grad_k, grad_v = torch.zeros(B, S, G, D, dtype=torch.float64), torch.zeros(B, S, G, D, dtype=torch.float64)
     for b, t, h, slot, key, g in naive_entries(B, T, H, G, K, keys, start):
         logits[b, t, h, slot] = 0.5 * (q64[b, t, h] @ k64[b, key, g])
         out[b, t, h] += w64[b, t, h, slot] * k64[b, key, g]
-        grad_table[b, key, g] += w64[b, t, h, slot] * q64[b, t, h]
         ds = 0.5 * w64[b, t, h, slot] * (g64[b, t, h] @ v64[b, key, g] - delta[b, t, h].double())
         grad_q[b, t, h] += ds * k64[b, key, g]
         grad_k[b, key, g] += ds * q64[b, t, h]
@@ -82,13 +80,33 @@ def test_products_and_backward_equal_naive_loops(threads, G, D, start):
     got_logits = _native.sampled_dot(q, k, keys, start, scale=0.5)
     assert torch.equal(got_logits.isinf(), logits.isinf())
     torch.testing.assert_close(got_logits.double(), logits, **tol)
-    got_out, got_table = _native.gather_sum(weights, k, keys, start, rows=q)
-    torch.testing.assert_close(got_out.double(), out, **tol)
-    torch.testing.assert_close(got_table.double(), grad_table, **tol)
-    assert _native.gather_sum(weights, k, keys, start)[1] is None
+    torch.testing.assert_close(_native.gather_sum(weights, k, keys, start).double(), out, **tol)
     got = _native.attention_backward(q, k, v, keys, start, weights, grad_out, delta, 0.5)
     for got_grad, want_grad in zip(got, (grad_q, grad_k, grad_v)):
         torch.testing.assert_close(got_grad.double(), want_grad, **tol)
+
+
+@pytest.mark.parametrize("start", [0, 4])
+def test_indexer_kl_gradient_equals_naive_loops(start):
+    """``c = g * w_j`` where ``ReLU(q_j . k) > 0``: ``grad_q[j] = sum c k[key]``, ``grad_k[key] += c q_j``."""
+    gen = torch.Generator().manual_seed(start)
+    B, T, J, D, K = 2, 7, 3, 16, 4
+    S = start + T
+    g, w = torch.randn(B, T, K, generator=gen), torch.randn(B, T, J, generator=gen)
+    index_q, index_k = torch.randn(B, T, J, D, generator=gen), torch.randn(B, S, D, generator=gen)
+    keys = random_keys(B, T, K, start, gen)
+    terms = torch.zeros(B, T, J, K)
+    grad_q, grad_k = torch.zeros(B, T, J, D, dtype=torch.float64), torch.zeros(B, S, D, dtype=torch.float64)
+    for b, t, j, slot, key, _ in naive_entries(B, T, J, 1, K, keys, start):
+        terms[b, t, j, slot] = torch.relu(index_q[b, t, j] @ index_k[b, key])
+    for b, t, j, slot, key, _ in naive_entries(B, T, J, 1, K, keys, start):
+        if terms[b, t, j, slot] > 0:
+            c = g[b, t, slot].double() * w[b, t, j].double()
+            grad_q[b, t, j] += c * index_k[b, key].double()
+            grad_k[b, key] += c * index_q[b, t, j].double()
+    got_q, got_k = _native.indexer_kl_backward(g, w, terms, index_k, index_q, keys, start)
+    torch.testing.assert_close(got_q.double(), grad_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k.double(), grad_k, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("values", ["continuous", "ties", "flat", "misleading_sample"])

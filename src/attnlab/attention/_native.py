@@ -3,9 +3,12 @@
 PyTorch's CPU operations leave DeepSeek-style sparse attention slower than dense attention: the
 ``topk`` of every indexer row reads each score several times (about 13 ns per score at T=4,096),
 and the sparse CSR products need the transposed selection sorted and permuted for the key and
-value gradients. These kernels read the selected rows in place instead: a radix top-k that
-scans each row's causal positions twice, a sampled dot product (SDDMM), a gathered sum (SpMM) and
-its transpose, which scatters into one table per thread instead of sorting.
+value gradients. These kernels work row by row instead: :func:`select_chunk` scores a query's
+causal keys from the indexer's head products and takes an exact radix top-k while the row is in
+cache; :func:`sampled_dot` and :func:`gather_sum` give the logits over the selected keys and the
+output; :func:`attention_backward` and :func:`indexer_kl_backward` read each selected key once for
+all of a row's gradients, scattering the key-side ones into one table per thread (or per KV
+group) instead of sorting.
 
 The C file is compiled with the system C compiler (``$CC``, else ``cc``) into a shared library
 cached per source, compiler and CPU under ``$XDG_CACHE_HOME/attnlab`` (written atomically, so
@@ -45,7 +48,7 @@ _i64, _f32 = ctypes.c_int64, ctypes.c_float
 _ptr = ctypes.c_void_p
 _SIGNATURES = {
     "sampled_dot": [_ptr] * 4 + [_i64] * 7 + [_f32, _f32, _i64, _i64],
-    "gather_sum": [_ptr] * 6 + [_i64] * 7 + [_i64, _i64],
+    "gather_sum": [_ptr] * 4 + [_i64] * 7 + [_i64, _i64],
     "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32] + [_i64] * 4,
     "indexer_kl_backward": [_ptr] * 8 + [_i64] * 6 + [_i64, _i64],
     "select_chunk": [_ptr] * 6 + [_i64] * 5 + [_i64, _i64],
@@ -171,23 +174,17 @@ def sampled_dot(a: Tensor, table: Tensor, keys: Tensor, start: int, scale: float
     return out
 
 
-def gather_sum(weights: Tensor, table: Tensor, keys: Tensor, start: int, rows: Tensor | None = None
-               ) -> tuple[Tensor, Tensor | None]:
+def gather_sum(weights: Tensor, table: Tensor, keys: Tensor, start: int) -> Tensor:
     """``out[b, t, h] = sum_slot weights[b, t, h, slot] * table[b, keys[b, t, slot], h // (H / G)]``
-    -> ``(B, T, H, D)``, ``weights`` ``(B, T, H, K)`` float32, padding keys skipped. With ``rows``
-    ``(B, T, H, D)`` also the transpose in the same pass over the keys: ``grad[b, keys[b, t, slot],
-    h // (H / G)] += weights[b, t, h, slot] * rows[b, t, h]``, a table shaped like ``table``."""
-    _check(weights, table, keys, *([] if rows is None else [rows]))
+    -> ``(B, T, H, D)``, ``weights`` ``(B, T, H, K)`` float32, padding keys skipped."""
+    _check(weights, table, keys)
     B, T, H, _ = weights.shape
     out = weights.new_empty(B, T, H, table.shape[-1])
-    parts = _ranges(B * T, _threads(B * T))
-    grads = None if rows is None else table.new_zeros(len(parts), *table.shape)
     args = _shape_args(weights, table, keys, start)
     lib = library()
     _run([functools.partial(lib.gather_sum, weights.data_ptr(), table.data_ptr(), keys.data_ptr(), out.data_ptr(),
-                            None if rows is None else rows.data_ptr(), None if grads is None else grads[i].data_ptr(),
-                            *args, r0, r1) for i, (r0, r1) in enumerate(parts)])
-    return out, None if grads is None else grads.sum(0) if len(parts) > 1 else grads[0]
+                            *args, r0, r1) for r0, r1 in _ranges(B * T, _threads(B * T))])
+    return out
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int, probs: Tensor, grad_out: Tensor,

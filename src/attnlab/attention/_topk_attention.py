@@ -397,7 +397,7 @@ class NativeSelectedAttention(torch.autograd.Function):
         k_rows, v_rows = k.to(f32).transpose(1, 2).contiguous(), v.to(f32).transpose(1, 2).contiguous()  # (B, S, H_kv, D)
         keys = selection.keys
         p = _native.sampled_dot(q_rows, k_rows, keys, selection.start, scale).softmax(dim=-1)  # (B, T, H, K)
-        out, _ = _native.gather_sum(p, v_rows, keys, selection.start)  # (B, T, H, D)
+        out = _native.gather_sum(p, v_rows, keys, selection.start)  # (B, T, H, D)
         probs = p.mean(dim=2) if want_probs else None
         if want_probs:
             ctx.mark_non_differentiable(probs)

@@ -73,29 +73,20 @@ static inline __attribute__((always_inline)) void sampled_dot_impl(
     }
 }
 
-/* out[r, h, :] = sum_slot w[r, h, slot] * table[key(r, slot), g(h), :] (SpMM), and when `grad_table`
- * is given, also its transpose grad_table[key(r, slot), g(h), :] += w[r, h, slot] * a[r, h, :], in the
- * same pass over the keys. Padding is skipped. Rows of different threads may hit the same key:
- * each thread accumulates into its own grad_table. */
+/* out[r, h, :] = sum_slot w[r, h, slot] * table[key(r, slot), g(h), :] (SpMM); padding skipped. */
 static inline __attribute__((always_inline)) void gather_sum_impl(
-        const float *w, const float *table, const int32_t *keys, float *out, const float *a, float *grad_table,
-        i64 T, i64 H, i64 G, i64 S, const i64 D, i64 K, i64 start, i64 r0, i64 r1) {
+        const float *w, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G, i64 S,
+        const i64 D, i64 K, i64 start, i64 r0, i64 r1) {
     GROUP_OFFSETS()
     for (i64 r = r0; r < r1; ++r) {
         ROW_SETUP(table, G * D)
-        float *grad_base = grad_table ? grad_table + batch * S * G * D : 0;
-        const float *wr = w + r * H * K, *x = a ? a + r * H * D : 0;
+        const float *wr = w + r * H * K;
         float *o = out + r * H * D;
         memset(o, 0, H * D * sizeof(float));
         for (i64 slot = 0; slot < K; ++slot) {
             const float *rows = entry(base, row_keys, slot, K, G * D, position);
             if (!rows) continue;
             for (i64 h = 0; h < H; ++h) axpy(o + h * D, wr[h * K + slot], rows + group_offset[h], D);
-            if (grad_table) {
-                float *grad_rows = grad_base + (rows - base);
-                if (slot + PREFETCH < K) prefetch_rows(grad_base + row_keys[slot + PREFETCH] * G * D, G * D, 1);
-                for (i64 h = 0; h < H; ++h) axpy(grad_rows + group_offset[h], wr[h * K + slot], x + h * D, D);
-            }
         }
     }
 }
@@ -190,9 +181,9 @@ void sampled_dot(const float *a, const float *table, const int32_t *keys, float 
 #undef CALL
 }
 
-void gather_sum(const float *w, const float *table, const int32_t *keys, float *out, const float *a,
-                float *grad_table, i64 T, i64 H, i64 G, i64 S, i64 D, i64 K, i64 start, i64 r0, i64 r1) {
-#define CALL(width) gather_sum_impl(w, table, keys, out, a, grad_table, T, H, G, S, width, K, start, r0, r1)
+void gather_sum(const float *w, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G, i64 S,
+                i64 D, i64 K, i64 start, i64 r0, i64 r1) {
+#define CALL(width) gather_sum_impl(w, table, keys, out, T, H, G, S, width, K, start, r0, r1)
     DISPATCH_D(CALL)
 #undef CALL
 }
