@@ -5,6 +5,7 @@ mechanism's training path through them against the CSR path and the dense masked
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 import pytest
 import torch
@@ -237,3 +238,17 @@ def test_disabled_or_unbuildable_falls_back_to_pytorch(monkeypatch, fresh_librar
         assert not _native.available()
     assert "uses PyTorch operations" in caplog.text
     assert not list(tmp_path.rglob("*.so*"))  # no partial library left behind
+
+
+def _logits_in_child(keys):
+    return _native.sampled_dot(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8), keys, 0).sum().item()
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_kernels_run_in_a_forked_child(threads):
+    """A child forked after the parent used the thread pool gets a pool of its own (the parent's
+    threads do not exist there: submitting to the inherited pool would wait forever)."""
+    keys = torch.tensor([[[0], [1]]], dtype=torch.int32)
+    want = _logits_in_child(keys)  # the parent's pool now exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_logits_in_child, (keys,)).get(timeout=60) == want == 16.0

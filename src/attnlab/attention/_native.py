@@ -113,7 +113,8 @@ def available() -> bool:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process (``pid``): a forked child inherits the parent's pool without its threads."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attnlab-native")
 
 
@@ -135,7 +136,7 @@ def _run(calls: list) -> None:
     if len(calls) == 1:
         calls[0]()
         return
-    futures = [_pool(torch.get_num_threads()).submit(call) for call in calls[1:]]
+    futures = [_pool(torch.get_num_threads(), os.getpid()).submit(call) for call in calls[1:]]
     calls[0]()
     for future in futures:
         future.result()
