@@ -201,13 +201,14 @@ def test_chosen_for_float32_on_cpu_only():
     assert selected_attention_kernel(cpu, 0.1, torch.float32) == "gathered"
 
 
-def test_selection_through_the_kernels_equals_the_pytorch_selection():
+@pytest.mark.parametrize("chunk_size", [7, 64])  # 64: blocks of NATIVE_SELECT_ROWS inside a chunk
+def test_selection_through_the_kernels_equals_the_pytorch_selection(chunk_size):
     gen = torch.Generator().manual_seed(3)
-    B, H_I, T, D_I, start = 2, 3, 40, 4, 5
+    B, H_I, T, D_I, start = 2, 3, 70, 4, 5
     index_q, index_k = torch.randn(B, H_I, T, D_I, generator=gen), torch.randn(B, start + T, D_I, generator=gen)
     index_w = torch.randint(-1, 2, (B, T, H_I), generator=gen).float()  # exact zeros: ties
-    got = topk_attention.select_top_k_chunked(index_q, index_k, index_w, start, 9, 7, True, native=True)
-    want = topk_attention.select_top_k_chunked(index_q, index_k, index_w, start, 9, 7, True)
+    got = topk_attention.select_top_k_chunked(index_q, index_k, index_w, start, 9, chunk_size, True, native=True)
+    want = topk_attention.select_top_k_chunked(index_q, index_k, index_w, start, 9, chunk_size, True)
     scores = index_scores(index_q, index_k, index_w)
     for selection in (got, want):
         mask = torch.zeros(B, T, start + T, dtype=torch.bool).scatter_(-1, selection.keys.long(), True)

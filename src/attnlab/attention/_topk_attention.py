@@ -162,6 +162,11 @@ def top_k_latest(scores: Tensor, top_k: int) -> Tensor:
     return indices
 
 
+#: Query rows per product block of the native selection: 4 indexer heads x 32 rows x 4,096 keys
+#: of products are 2 MiB, one core's L2 cache.
+NATIVE_SELECT_ROWS = 32
+
+
 @torch.no_grad()
 def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, start: int, top_k: int,
                          chunk_size: int, keep_for_kl: bool, native: bool = False) -> Selection:
@@ -185,7 +190,8 @@ def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, star
             terms = index_head_terms(index_q[:, :, :head], index_k[:, :top_k])
             selection.scores[:, :head] = weighted_heads(terms, index_w[:, :head])
             selection.relu[:, :head] = terms.transpose(1, 2)
-    for a, b in query_chunks(head, T, chunk_size):
+    # native: blocks of rows whose products stay in the cache between the product and the selection
+    for a, b in query_chunks(head, T, min(chunk_size, NATIVE_SELECT_ROWS) if native else chunk_size):
         end = start + b
         if native:  # ReLU, head weights, top-k and the KL's inputs row by row, causal positions only
             products = index_q[:, :, a:b] @ index_k[:, :end].unsqueeze(1).transpose(-1, -2)  # (B, H_I, n, e)

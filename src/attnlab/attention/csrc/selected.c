@@ -221,8 +221,8 @@ static uint32_t kth_largest(const uint32_t *a, i64 m, i64 k, i64 *greater) {
     i64 above = 0;  /* elements above the current prefix */
     for (int shift = 24; shift >= 0; shift -= 8) {
         i64 counts[256] = {0};
-        for (i64 i = 0; i < m; ++i)
-            if ((a[i] & mask) == prefix) counts[(a[i] >> shift) & 0xFF]++;
+        for (i64 i = 0; i < m; ++i)  /* no branch: whether a value matches the prefix is data */
+            counts[(a[i] >> shift) & 0xFF] += (a[i] & mask) == prefix;
         int digit = 255;
         while (above + counts[digit] < k) above += counts[digit--];
         prefix |= (uint32_t)digit << shift;
