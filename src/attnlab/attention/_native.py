@@ -154,7 +154,8 @@ def _check(*tensors: Tensor) -> None:
 
 
 def _shape_args(queries: Tensor, table: Tensor, keys: Tensor, start: int) -> tuple[int, ...]:
-    """``T, H, G, S, D, K, start`` for ``queries`` ``(B, T, H, *)``, ``table`` ``(B, S, G, D)``, ``keys`` ``(B, T, K)``."""
+    """``T, H, G, S, D, K, start`` for ``queries`` ``(B, T, H, *)``, ``table`` ``(B, S, G, D)`` and
+    ``keys`` ``(B, T, K)``."""
     B, T, H = queries.shape[:3]
     _, S, G, D = table.shape
     return T, H, G, S, D, keys.shape[-1], start

@@ -393,14 +393,16 @@ class NativeSelectedAttention(torch.autograd.Function):
     """:class:`SelectedAttention` through the C kernels of :mod:`~attnlab.attention._native`
     (float32 on CPU), all rows in one call each: forward one sampled product and one gathered
     sum; backward one pass over each query's keys for all three gradients (the key and value
-    gradients scattered into one table per thread), with no transposed selection to build. Keeps the output and the ``(B, T, H, K)`` probabilities."""
+    gradients scattered per KV group, or per thread for MQA), with no transposed selection to
+    build. Keeps the output and the ``(B, T, H, K)`` probabilities."""
 
     @staticmethod
     @_without_autocast
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, selection: Selection, scale: float, want_probs: bool):
         f32 = torch.float32
         q_rows = q.to(f32).transpose(1, 2).contiguous()  # (B, T, H, D)
-        k_rows, v_rows = k.to(f32).transpose(1, 2).contiguous(), v.to(f32).transpose(1, 2).contiguous()  # (B, S, H_kv, D)
+        k_rows = k.to(f32).transpose(1, 2).contiguous()  # (B, S, H_kv, D)
+        v_rows = v.to(f32).transpose(1, 2).contiguous()
         keys = selection.keys
         p = _native.sampled_dot(q_rows, k_rows, keys, selection.start, scale).softmax(dim=-1)  # (B, T, H, K)
         out = _native.gather_sum(p, v_rows, keys, selection.start)  # (B, T, H, D)
