@@ -161,32 +161,31 @@ def _shape_args(queries: Tensor, table: Tensor, keys: Tensor, start: int) -> tup
     return T, H, G, S, D, keys.shape[-1], start
 
 
+def _per_row(kernel: str, queries: Tensor, table: Tensor, keys: Tensor, start: int, width: int, *scalars
+             ) -> Tensor:
+    """Run ``kernel`` on ``queries`` ``(B, T, H, *)`` over ``table`` ``(B, S, G, D)`` at ``keys``
+    ``(B, T, K)``, rows split over the threads, into a new ``(B, T, H, width)`` output."""
+    _check(queries, table, keys)
+    B, T, H, _ = queries.shape
+    out = queries.new_empty(B, T, H, width)
+    function, args = getattr(library(), kernel), _shape_args(queries, table, keys, start)
+    _run([functools.partial(function, queries.data_ptr(), table.data_ptr(), keys.data_ptr(), out.data_ptr(), *args,
+                            *scalars, r0, r1) for r0, r1 in _ranges(B * T, _threads(B * T))])
+    return out
+
+
 def sampled_dot(a: Tensor, table: Tensor, keys: Tensor, start: int, scale: float = 1.0,
                 masked: float = float("-inf")) -> Tensor:
     """``scale * a[b, t, h] . table[b, keys[b, t, slot], h // (H / G)]`` -> ``(B, T, H, K)`` float32;
     ``a`` ``(B, T, H, D)``, ``table`` ``(B, S, G, D)``, ``keys`` ``(B, T, K)`` int32; ``masked``
     where a key lies after its query's position ``start + t``."""
-    _check(a, table, keys)
-    B, T, H, _ = a.shape
-    out = a.new_empty(B, T, H, keys.shape[-1])
-    args = _shape_args(a, table, keys, start)
-    lib = library()
-    _run([functools.partial(lib.sampled_dot, a.data_ptr(), table.data_ptr(), keys.data_ptr(), out.data_ptr(),
-                            *args, scale, masked, r0, r1) for r0, r1 in _ranges(B * T, _threads(B * T))])
-    return out
+    return _per_row("sampled_dot", a, table, keys, start, keys.shape[-1], scale, masked)
 
 
 def gather_sum(weights: Tensor, table: Tensor, keys: Tensor, start: int) -> Tensor:
     """``out[b, t, h] = sum_slot weights[b, t, h, slot] * table[b, keys[b, t, slot], h // (H / G)]``
     -> ``(B, T, H, D)``, ``weights`` ``(B, T, H, K)`` float32, padding keys skipped."""
-    _check(weights, table, keys)
-    B, T, H, _ = weights.shape
-    out = weights.new_empty(B, T, H, table.shape[-1])
-    args = _shape_args(weights, table, keys, start)
-    lib = library()
-    _run([functools.partial(lib.gather_sum, weights.data_ptr(), table.data_ptr(), keys.data_ptr(), out.data_ptr(),
-                            *args, r0, r1) for r0, r1 in _ranges(B * T, _threads(B * T))])
-    return out
+    return _per_row("gather_sum", weights, table, keys, start, table.shape[-1])
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int, probs: Tensor, grad_out: Tensor,
