@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import _native
+
 #: Whether this torch has flex attention (older ones: the blocked band serves every device).
 FLEX_ATTENTION_AVAILABLE = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
@@ -146,6 +148,4 @@ def selected_attention_kernel(device: torch.device, dropout_p: float, dtype: tor
 @torch._dynamo.assume_constant_result
 def native_kernels_available() -> bool:
     """Whether the C kernels of ``_native`` built on this machine (compiled once, on first use)."""
-    from . import _native
-
     return _native.available()

@@ -16,8 +16,7 @@
 
 typedef int64_t i64;
 
-/* The table rows of one query row's selected keys: `base` is its sequence's (S, G, D) table. */
-#define PREFETCH 4
+#define PREFETCH 4  /* slots ahead: the selected keys are scattered over the tables */
 static inline void prefetch_rows(const float *rows, i64 GD, int write) {
     const char *at = (const char *)rows;
     for (i64 byte = 0; byte < GD * (i64)sizeof(float); byte += 64) {
@@ -26,10 +25,12 @@ static inline void prefetch_rows(const float *rows, i64 GD, int write) {
     }
 }
 
+/* The table rows of one query row's key in `slot` (NULL for padding): `base` is its sequence's
+ * (S, G, D) table. */
 static inline const float *entry(const float *base, const int32_t *keys, i64 slot, i64 K, i64 GD, i64 position) {
-    if (slot + PREFETCH < K) prefetch_rows(base + keys[slot + PREFETCH] * GD, GD, 0);  /* scattered keys */
+    if (slot + PREFETCH < K) prefetch_rows(base + keys[slot + PREFETCH] * GD, GD, 0);
     const i64 key = keys[slot];
-    return key > position ? 0 : base + key * GD;  /* NULL: padding */
+    return key > position ? 0 : base + key * GD;
 }
 
 static inline __attribute__((always_inline)) float dot(const float *x, const float *y, i64 D) {
