@@ -1,21 +1,28 @@
-"""The CPU kernels of the sparse mechanism's training path (``csrc/selected.c``), built on first use.
+"""C kernels for two CPU paths that PyTorch's operations leave slow, built on first use.
 
-PyTorch's CPU operations leave DeepSeek-style sparse attention slower than dense attention: the
-``topk`` of every indexer row reads each score several times (about 13 ns per score at T=4,096),
-and the sparse CSR products need the transposed selection sorted and permuted for the key and
-value gradients. These kernels work row by row instead: :func:`select_chunk` scores a query's
-causal keys from the indexer's head products and takes an exact radix top-k while the row is in
-cache; :func:`sampled_dot` and :func:`gather_sum` give the logits over the selected keys and the
-output; :func:`attention_backward` and :func:`indexer_kl_backward` read each selected key once for
-all of a row's gradients, scattering the key-side ones into one table per thread (or per KV
-group) instead of sorting.
+**The sparse mechanism's training path** (``csrc/selected.c``). PyTorch's CPU operations leave
+DeepSeek-style sparse attention slower than dense attention: the ``topk`` of every indexer row
+reads each score several times (about 13 ns per score at T=4,096), and the sparse CSR products
+need the transposed selection sorted and permuted for the key and value gradients. These kernels
+work row by row instead: :func:`select_chunk` scores a query's causal keys from the indexer's head
+products and takes an exact radix top-k while the row is in cache; :func:`sampled_dot` and
+:func:`gather_sum` give the logits over the selected keys and the output;
+:func:`attention_backward` and :func:`indexer_kl_backward` read each selected key once for all of a
+row's gradients, scattering the key-side ones into one table per thread (or per KV group) instead
+of sorting. The file is compiled with the system C compiler (``$CC``, else ``cc``) and called
+through ``ctypes``, which releases the GIL: every call splits its rows over
+``torch.get_num_threads()`` Python threads.
 
-The C file is compiled with the system C compiler (``$CC``, else ``cc``) into a shared library
-cached per source, compiler and CPU under ``$XDG_CACHE_HOME/attnlab`` (written atomically, so
-concurrent processes may race safely), and called through ``ctypes``, which releases the GIL: every
-call splits its rows over ``torch.get_num_threads()`` Python threads. Where no compiler works, or
-with ``ATTNLAB_NATIVE=0``, :func:`available` is False and the mechanism keeps PyTorch's operations
-(the results agree to rounding; tests compare both with naive references).
+**The static decoding step's attention** (``csrc/decode.c`` and ``csrc/decode_op.cpp``): one
+token's queries over a pre-allocated cache, split over the keys (see the C file), registered as
+the operator ``attnlab::decode_attention`` (C++, against PyTorch's headers, ``$CXX`` else ``c++``)
+so that a ``torch.compile``'d step calls it from inside its graph: :func:`decode_attention`.
+
+Libraries are cached per source, compiler and CPU (and PyTorch version for the operator) under
+``$XDG_CACHE_HOME/attnlab/native``, written atomically, so concurrent processes may race safely.
+Where no compiler works, or with ``ATTNLAB_NATIVE=0``, :func:`available` / :func:`decode_available`
+are False and the callers keep PyTorch's operations (the results agree to rounding; tests compare
+both with naive references).
 """
 
 from __future__ import annotations
@@ -69,17 +76,17 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnlab" / "native"
 
 
-def _build(compiler: str) -> Path:
-    """Compile :data:`SOURCE` unless the cache holds it; return the library's path."""
+def _build(source: Path, flags: list[str], compiler: str) -> Path:
+    """Compile ``source`` unless the cache holds it; return the library's path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode())
-    target = _cache_dir() / f"selected-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_signature()]).encode())
+    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, check=True)
+            subprocess.run([compiler, *flags, str(source), "-o", partial], capture_output=True, text=True, check=True)
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
@@ -87,25 +94,31 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (disabled, no compiler, or the build failed: logged once)."""
+def _load(source: Path, flags: list[str], signatures: dict, restype, fallback: str) -> ctypes.CDLL | None:
+    """``source`` built and loaded with its functions' signatures, or None (disabled, no compiler,
+    or the build failed: logged, saying what the ``fallback`` is)."""
     if os.environ.get("ATTNLAB_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
-        log.warning("no C compiler (%s): the sparse mechanism's CPU training path uses PyTorch operations", compiler)
+        log.warning("no C compiler (%s): %s", compiler, fallback)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(source, flags, compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
-        log.warning("building %s failed, the sparse mechanism uses PyTorch operations: %s", SOURCE.name, detail)
+        log.warning("building %s failed, %s: %s", source.name, fallback, detail)
         return None
-    for name, argtypes in _SIGNATURES.items():
+    for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = restype
     return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The sparse mechanism's compiled kernels (``csrc/selected.c``), or None."""
+    return _load(SOURCE, FLAGS, _SIGNATURES, None, "the sparse mechanism's CPU training path uses PyTorch operations")
 
 
 def available() -> bool:
@@ -262,3 +275,78 @@ def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int
                             scratch[i].data_ptr(), n, E, J, first_count, top_k, r0, r1)
           for i, (r0, r1) in enumerate(parts)])
     return keys, scores, terms
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+DECODE_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode.c", "decode_op.cpp")]
+#: The C kernel's fixed buffers: query heads per KV head and value width.
+DECODE_MAX_GROUP, DECODE_MAX_VALUE_DIM = 16, 256
+
+
+def _build_decode(c_compiler: str, cxx_compiler: str) -> Path:
+    """Compile ``decode.c`` (OpenMP: its blocks of keys go to PyTorch's own thread team, the same
+    ``libgomp``) and link it with ``decode_op.cpp``, which registers it as the operator
+    ``attnlab::decode_attention`` with PyTorch's dispatcher, so that a compiled decoding step calls
+    it directly (an operator defined in Python would cost tens of microseconds per call)."""
+    from torch.utils import cpp_extension
+
+    c_flags = [*FLAGS, "-ffp-contract=fast", "-fopenmp"]  # fused multiply-adds (ISO C mode leaves them off)
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    cxx_flags = ["-O2", "-std=c++17", "-fPIC", "-shared", abi, *(f"-I{d}" for d in cpp_extension.include_paths())]
+    lib_dir = cpp_extension.library_paths()[0]
+    link = [f"-L{lib_dir}", "-lc10", "-ltorch_cpu", "-fopenmp", f"-Wl,-rpath,{lib_dir}"]
+    versions = [subprocess.run([c, "--version"], capture_output=True, text=True, check=True).stdout
+                for c in (c_compiler, cxx_compiler)]
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in DECODE_SOURCES), " ".join(c_flags + cxx_flags),
+                                     *versions, torch.__version__, _cpu_signature()]).encode())
+    target = _cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            kernel, partial = Path(scratch) / "decode.o", Path(scratch) / "decode.so"
+            c_only = [flag for flag in c_flags if flag != "-shared"]
+            subprocess.run([c_compiler, *c_only, "-c", str(DECODE_SOURCES[0]), "-o", str(kernel)],
+                           capture_output=True, text=True, check=True)
+            subprocess.run([cxx_compiler, *cxx_flags, str(DECODE_SOURCES[1]), str(kernel), *link, "-o", str(partial)],
+                           capture_output=True, text=True, check=True)
+            os.replace(partial, target)
+    return target
+
+
+@functools.cache
+def decode_available() -> bool:
+    """Whether ``attnlab::decode_attention`` is loaded (built on first use; False, logged once,
+    when disabled or when no C/C++ compiler or PyTorch's headers can build it)."""
+    if os.environ.get("ATTNLAB_NATIVE", "1") == "0":
+        return False
+    fallback = "the static decoding step attends with PyTorch's fused kernel"
+    compilers = [os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"]
+    if missing := [c for c in compilers if shutil.which(c) is None]:
+        log.warning("no compiler %s: %s", " / ".join(missing), fallback)
+        return False
+    try:
+        torch.ops.load_library(_build_decode(*compilers))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        log.warning("building the decode kernel failed, %s: %s", fallback, detail)
+        return False
+    _register_decode_shape()
+    return True
+
+
+@functools.cache
+def _register_decode_shape() -> None:
+    """The operator's output for fake tensors: ``(B, H, 1, D_v)``, symbolic sizes kept (a cache
+    length traced as dynamic stays dynamic). Once per process: a library loads only once."""
+    @torch.library.register_fake("attnlab::decode_attention")
+    def _shape(q: Tensor, k: Tensor, v: Tensor, position: Tensor, scale: float) -> Tensor:
+        return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, position: Tensor, scale: float) -> Tensor:
+    """Softmax attention of one token's queries ``q`` ``(B, H, 1, D)`` over the slots
+    ``0..min(position, S - 1)`` of the buffers ``k`` ``(B, H_kv, S, D)`` and ``v`` ``(B, H_kv, S, D_v)``
+    (CPU float32; ``position`` a 0-d int64 tensor): ``(B, H, 1, D_v)``, query head ``h`` reading KV
+    head ``h // (H / H_kv)``. Needs :func:`decode_available`; usable inside ``torch.compile``."""
+    return torch.ops.attnlab.decode_attention(q, k, v, position, scale)

@@ -36,7 +36,8 @@ from attnlab.config import ModelConfig
 from attnlab.layers import mark_residual_projection  # noqa: F401 - re-exported for mechanisms
 
 # plain_kernels, plain_kernels_only: re-exported, profiling and extensions import them from here
-from .kernels import plain_kernels, plain_kernels_only, plan_sdpa, sdpa_backends  # noqa: F401
+from . import _native
+from .kernels import plain_kernels, plain_kernels_only, plan_sdpa, sdpa_backends, use_native_decode  # noqa: F401
 
 if TYPE_CHECKING:
     from attnlab.layers import RotaryEmbedding
@@ -262,6 +263,20 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     if plan.pad_values:
         y = y[..., :v_dim]
     return y.reshape(B, H, T, v_dim) if plan.grouping == "pack_rows" else y
+
+
+def sdpa_static(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, scale: float | None = None) -> Tensor:
+    """The static decoding step's attention: one token's ``q`` ``(B, H, 1, D)`` over whole buffers
+    ``k, v`` ``(B, H_kv, S, D|D_v)`` whose slots ``0..ctx.start_pos`` (all ``S`` once that many are
+    written) are the visible keys (:meth:`AttentionContext.visible`): ``(B, H, 1, D_v)``.
+
+    On CPU in float32 without gradients the C kernel ``_native.decode_attention`` reads the written
+    slots only; elsewhere SDPA over the whole buffers under the visibility mask (same function)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if use_native_decode(q, k, v):
+        return _native.decode_attention(q, k, v, ctx.start_pos, scale)
+    return sdpa(q, k, v, attn_mask=ctx.visible(k.shape[2]), scale=scale)
 
 
 def sdpa_causal(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float = 0.0,

@@ -29,8 +29,8 @@ from .base import (
     AttentionContext,
     KVCache,
     mark_residual_projection,
-    sdpa,
     sdpa_in_context,
+    sdpa_static,
 )
 from .registry import register_attention
 
@@ -100,8 +100,7 @@ class GroupedQueryAttention(Attention):
         assert isinstance(cache, KVCache)
         q, k, v = self.project(x, ctx)
         k, v = cache.update_at(k, v, ctx.start_pos)
-        visible = ctx.visible(k.shape[2])
-        y = sdpa(q, k, v, attn_mask=visible)
+        y = sdpa_static(q, k, v, ctx)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
     def init_cache(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> KVCache:

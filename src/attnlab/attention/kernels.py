@@ -8,6 +8,7 @@ The measurements behind them are in the README ("Kernel choices").
   values to ``scaled_dot_product_attention``, and :func:`sdpa_backends` which CUDA kernels it may use;
 * :func:`use_flex_attention`: flex attention or the blocked band for a sliding window;
 * :func:`selected_attention_kernel`: C kernels, sparse CSR products or gathered SDPA for top-k attention;
+* :func:`use_native_decode`: the C kernel or SDPA for the static decoding step's attention;
 * :func:`plain_kernels`: a scope in which every choice falls back to ATen operations.
 """
 
@@ -149,3 +150,27 @@ def selected_attention_kernel(device: torch.device, dropout_p: float, dtype: tor
 def native_kernels_available() -> bool:
     """Whether the C kernels of ``_native`` built on this machine (compiled once, on first use)."""
     return _native.available()
+
+
+# ----------------------------------------------------------------------------------- static decoding
+
+
+def use_native_decode(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the static step's single-token attention runs on ``_native.decode_attention``."""
+    if q.device.type != "cpu" or plain_kernels_only():
+        return False  # CUDA: SDPA inside the captured graph; FLOP counting: ATen operations
+    if torch.is_grad_enabled():
+        return False  # the C kernel has no backward (decoding runs without gradients)
+    if not q.dtype == k.dtype == v.dtype == torch.float32:
+        return False  # float32 only (16-bit decoding keeps SDPA)
+    group, value_dim = q.shape[1] // k.shape[1], v.shape[-1]
+    if group > _native.DECODE_MAX_GROUP or value_dim > _native.DECODE_MAX_VALUE_DIM:
+        return False
+    # one query per head reads the cache 2-3x faster than SDPA's fused CPU kernel (README, "Kernel choices")
+    return native_decode_available()
+
+
+@torch._dynamo.assume_constant_result
+def native_decode_available() -> bool:
+    """Whether ``csrc/decode.c`` built on this machine (compiled once, on first use)."""
+    return _native.decode_available()

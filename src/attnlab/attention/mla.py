@@ -68,6 +68,7 @@ from .base import (
     mark_residual_projection,
     sdpa,
     sdpa_in_context,
+    sdpa_static,
 )
 from .registry import register_attention
 
@@ -191,16 +192,15 @@ class MultiHeadLatentAttention(Attention):
         assert isinstance(cache, MLACache)
         q_nope, q_rope, entries = self.project(x, ctx)
         entries = cache.update_at(entries, ctx.start_pos)
-        visible = ctx.visible(entries.shape[1])
         attend = self.attend_absorbed if self.absorb else self.attend_unabsorbed
-        y = attend(q_nope, q_rope, entries, visible=visible)
+        y = attend(q_nope, q_rope, entries, ctx, static=True)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
-    def attend_unabsorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, ctx: AttentionContext | None = None,
-                          visible: Tensor | None = None) -> Tensor:
+    def attend_unabsorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, ctx: AttentionContext,
+                          static: bool = False) -> Tensor:
         """Materialise per-head keys and values from ``entries`` ``(B, S, r + d_r)``, then SDPA
-        under ``ctx``'s structure (causal from ``ctx.start_pos``) or masked to ``visible`` (a static
-        step's written rows). Returns ``(B, H, T, d_v)``."""
+        under ``ctx``'s structure (causal from ``ctx.start_pos``), or over a static step's written
+        rows (``static``). Returns ``(B, H, T, d_v)``."""
         B, S, _ = entries.shape
         latent, k_rope = entries.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_up(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -208,27 +208,29 @@ class MultiHeadLatentAttention(Attention):
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, S, self.rope_dim)], dim=-1)
         # SDPA's default scale 1/sqrt(q.shape[-1]) is MLA's 1/sqrt(d_n + d_r)
-        if visible is not None:
-            return sdpa(q, k, v, attn_mask=visible)
+        if static:
+            return sdpa_static(q, k, v, ctx)
         return sdpa_in_context(q, k, v, ctx, ctx.start_pos, self.dropout_p)
 
-    def attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, ctx: AttentionContext | None = None,
-                        visible: Tensor | None = None) -> Tensor:
+    def attend_absorbed(self, q_nope: Tensor, q_rope: Tensor, entries: Tensor, ctx: AttentionContext,
+                        static: bool = False) -> Tensor:
         """Attend over the cached latents directly, ``W_uk`` folded into the queries and ``W_uv``
         applied after. ``entries`` ``(B, S, r + d_r)``, causal from ``ctx.start_pos`` (with its key
-        padding) or masked to ``visible`` ``(1, 1, 1, S)`` (one query per head); returns
+        padding), or a static step's written rows (``static``: one query per head); returns
         ``(B, H, T, d_v)``."""
         B, H, T, _ = q_nope.shape
         S, r = entries.shape[1], self.kv_lora_rank
-        w_uk, w_uv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r).split([self.nope_dim, self.v_dim], dim=1)
+        w_uk = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, r)[:, :self.nope_dim]
         # each head's query in latent coordinates: q_nope_h W_uk,h, (B, H, T, d_n) -> (B, H, T, r)
         q = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_rope], dim=-1)
         # All heads share the one key/value "head", so fold heads into the query axis (row h*T + t):
         # one (H*T, S) attention, and the cached rows are never repeated per head.
         q = q.reshape(B, 1, H * T, r + self.rope_dim)
-        if visible is not None:
-            mask = visible
-        elif ctx.plain:
+        rows = entries.unsqueeze(1)
+        if static:  # the query rows as heads of one token over the one shared KV head
+            y_latent = sdpa_static(q.transpose(1, 2), rows, rows, ctx, scale=self.scale).transpose(1, 2)[..., :r]
+            return self.attend_values(y_latent, B, H, T)
+        if ctx.plain:
             mask = None if T == 1 else causal_mask(T, S, ctx.start_pos, q.device).repeat(H, 1)
         else:
             mask = ctx.attention_mask(T, S, ctx.start_pos, q.device)
@@ -237,9 +239,14 @@ class MultiHeadLatentAttention(Attention):
         # The values are the latents c_kv: pass the whole [c_kv ; k_rope] rows as values (the same
         # width as the keys, so the fused kernel runs without copying the cache) and drop the
         # rope columns of the output.
-        rows = entries.unsqueeze(1)
         y_latent = sdpa(q, rows, rows, attn_mask=mask, dropout_p=self.dropout_p, scale=self.scale)[..., :r]
-        y = torch.einsum("bhtr,hvr->bhtv", y_latent.reshape(B, H, T, r), w_uv)
+        return self.attend_values(y_latent, B, H, T)
+
+    def attend_values(self, y_latent: Tensor, B: int, H: int, T: int) -> Tensor:
+        """The absorbed attention's latent outputs ``(B, 1, H * T, r)`` through ``W_uv`` (and its bias):
+        ``(B, H, T, d_v)``."""
+        w_uv = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)[:, self.nope_dim:]
+        y = torch.einsum("bhtr,hvr->bhtv", y_latent.reshape(B, H, T, self.kv_lora_rank), w_uv)
         if self.kv_up.bias is not None:
             y = y + self.kv_up.bias.view(H, 1, self.nope_dim + self.v_dim)[..., self.nope_dim:]
         return y

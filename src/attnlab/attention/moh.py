@@ -102,8 +102,8 @@ from .base import (
     KVCache,
     ParameterGroupHint,
     mark_residual_projection,
-    sdpa,
     sdpa_in_context,
+    sdpa_static,
     token_mean,
 )
 from .gqa import GroupedQueryAttention
@@ -393,8 +393,7 @@ class MixtureOfHeadsAttention(Attention):
         B = x.shape[0]
         q, k, v = self.project(x, ctx)
         k, v = cache.update_at(k, v, ctx.start_pos)
-        visible = ctx.visible(k.shape[2])
-        y = sdpa(q, k, v, attn_mask=visible).transpose(1, 2)  # (B, 1, H, D)
+        y = sdpa_static(q, k, v, ctx).transpose(1, 2)  # (B, 1, H, D)
         gates, _ = self.head_gates(x, ctx)
         if gates is not None:
             y = y * gates.to(y.dtype).unsqueeze(-1)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from attnlab.config import ModelConfig, require
 
-from .base import AttentionCache, AttentionContext, sdpa, sdpa_in_context
+from .base import AttentionCache, AttentionContext, sdpa, sdpa_in_context, sdpa_static
 from .gqa import GQAConfig, GroupedQueryAttention
 from .kernels import use_flex_attention
 from .registry import register_attention
@@ -220,8 +220,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
         assert isinstance(cache, RollingKVCache)
         q, k, v = self.project(x, ctx)
         k, v = cache.update_at(k, v, ctx.start_pos)
-        visible = ctx.visible(k.shape[2])
-        y = sdpa(q, k, v, attn_mask=visible)
+        y = sdpa_static(q, k, v, ctx)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, n_prefix: int, ctx: AttentionContext) -> Tensor:

@@ -87,7 +87,7 @@ from ._topk_attention import (
     select_top_k_chunked,
     selected_attention,
 )
-from .base import AttentionCache, AttentionContext, KVCache, causal_mask, sdpa, sdpa_causal, softmax_scale
+from .base import AttentionCache, AttentionContext, KVCache, causal_mask, sdpa, sdpa_causal, sdpa_static, softmax_scale
 from .gqa import GQAConfig, GroupedQueryAttention
 from .kernels import selected_attention_kernel
 from .registry import register_attention
@@ -290,20 +290,18 @@ class SparseAttention(GroupedQueryAttention):
         q, k, v = self.project(x, ctx)
         index_q, index_k, index_w = self.project_index(x, ctx)
         k, v = cache.update_at(k, v, ctx.start_pos)
-        visible = ctx.visible(k.shape[2])
         index_k = cache.update_index_keys_at(index_k, ctx.start_pos)
         if self.top_k >= cache.max_len:
-            y = sdpa(q, k, v, attn_mask=visible)
+            y = sdpa_static(q, k, v, ctx)
         else:
-            written = visible.view(1, 1, -1)
+            written = ctx.visible(k.shape[2]).view(1, 1, -1)
             selected = select_top_k(index_scores_one_query(index_q, index_k, index_w), written,
                                      self.top_k)  # (B, 1, S_max)
             # exactly min(top_k, position + 1) ones: topk returns them first, then unselected rows
-            # (value 0) that the mask hides
+            # (value 0), so the gathered rows' visible slots are those of a buffer of top_k slots
             chosen = selected.to(q.dtype).topk(self.top_k, dim=-1)
             rows = chosen.indices.unsqueeze(-1).expand(-1, self.n_kv_heads, -1, self.head_dim)
-            mask = chosen.values.view(B, 1, 1, self.top_k) > 0
-            y = sdpa(q, k.gather(2, rows), v.gather(2, rows), attn_mask=mask)
+            y = sdpa_static(q, k.gather(2, rows), v.gather(2, rows), ctx)
         return self.out_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
     def add_indexer_loss(self, kl: Tensor, ctx: AttentionContext) -> None:

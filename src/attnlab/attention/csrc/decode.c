@@ -1,0 +1,166 @@
+/* Single-token attention over a pre-allocated cache (the static decoding step), for CPU float32.
+ *
+ * One query per head reads every cached key once: the step is bound by reading the cache, and
+ * PyTorch's fused CPU kernel reads it at half the speed or less for one query (it runs small
+ * matrix products per block and splits the work by heads only: MQA's one KV head on one thread). Here the keys of
+ * each (sequence, KV head) are cut into blocks of BLOCK positions; OpenMP threads (PyTorch's own
+ * runtime, whose thread count torch.set_num_threads sets) take the blocks; each block gives every
+ * query head of its KV head a maximum, a sum of exponentials and an unnormalised output, and the
+ * blocks are merged by their maxima (the log-sum-exp rule of split-K "flash decoding").
+ *
+ * Layouts (contiguous): q (B, H_kv * G, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv), out
+ * (B, H_kv * G, Dv); query head h reads KV head h / G. Slots 0..min(*position, S - 1) are
+ * attended to: the written prefix of a buffer, or every slot of a rolling buffer once it wrapped.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#define BLOCK 128
+#define MAX_GROUP 16
+#define MAX_VALUE_DIM 256
+
+static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
+static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+
+/* Lane u of the result: the sum of t[u]'s eight lanes (an 8 x 8 transpose folded into adds). */
+static inline v8 row_sums8(const v8 t[8]) {
+    v8 pairs[4], quads[2];
+    for (int i = 0; i < 4; i++)
+        pairs[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
+                 + __builtin_shufflevector(t[2 * i], t[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; i++)
+        quads[i] = __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+                 + __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* exp(x) lane-wise for x <= 0 (scores minus their maximum): 2^n exp(r), |r| <= ln2/2, exp(r) by
+ * its degree-6 Taylor polynomial (relative error below 3e-7). Below -64 it returns 0: exp(-64) is
+ * 1.6e-28 of the maximum's weight, and keeping such weights would only feed the value sums
+ * products in float32's subnormal range, where arithmetic is about 100x slower. */
+static inline v8 exp8_nonpositive(v8 x) {
+    const v8i negligible = x < splat8(-64.0f);
+    x = select8(negligible, splat8(0.0f), x);
+    const v8i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i); /* round, x <= 0 */
+    const v8 nf = __builtin_convertvector(n, v8);
+    const v8 r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f; /* ln 2, in two parts */
+    v8 p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return select8(negligible, splat8(0.0f), p * (v8)((n + 127) << 23));
+}
+
+static inline float exp_nonpositive(float x) { return exp8_nonpositive(splat8(x))[0]; }
+
+/* One block of n <= BLOCK keys of one (sequence, KV head) for its G query heads qg (G, D): per
+ * head the block's maximum score, its sum of exponentials and its unnormalised output (Dv).
+ * Always inlined, so that the calls with constant widths get fully unrolled copies. */
+static inline __attribute__((always_inline)) void attend_block(
+        const float *restrict qg, const float *restrict kb, const float *restrict vb, i64 n, i64 G,
+        const i64 D, const i64 Dv, float scale, float *restrict max_out, float *restrict sum_out,
+        float *restrict acc_out) {
+    float s[BLOCK];
+    for (i64 g = 0; g < G; g++) {
+        const float *restrict qh = qg + g * D;
+        i64 j = 0;
+        if (D % 8 == 0)  /* eight keys at a time: lane-wise products, then one transposed sum */
+            for (; j + 8 <= n; j += 8) {
+                v8 t[8];
+                for (int u = 0; u < 8; u++) {
+                    const float *kj = kb + (j + u) * D;
+                    v8 a = load8(qh) * load8(kj);
+                    for (i64 c = 8; c < D; c += 8) a += load8(qh + c) * load8(kj + c);
+                    t[u] = a;
+                }
+                store8(s + j, row_sums8(t) * scale);
+            }
+        for (; j < n; j++) {
+            float dot = 0.0f;
+            for (i64 d = 0; d < D; d++) dot += qh[d] * kb[j * D + d];
+            s[j] = dot * scale;
+        }
+        v8 max8 = splat8(-INFINITY);
+        for (j = 0; j + 8 <= n; j += 8) max8 = select8(load8(s + j) > max8, load8(s + j), max8);
+        float m = -INFINITY, l = 0.0f;
+        for (int u = 0; u < 8; u++) m = max8[u] > m ? max8[u] : m;
+        for (; j < n; j++) m = s[j] > m ? s[j] : m;
+        v8 sum8 = splat8(0.0f);
+        for (j = 0; j + 8 <= n; j += 8) {
+            const v8 e = exp8_nonpositive(load8(s + j) - m);
+            store8(s + j, e);
+            sum8 += e;
+        }
+        for (int u = 0; u < 8; u++) l += sum8[u];
+        for (; j < n; j++) l += (s[j] = exp_nonpositive(s[j] - m));
+        /* four keys' products into four sums: one running sum would wait on its own previous
+         * addition at every key (the floating-point latency, not the reads, would set the pace) */
+        float acc[4][MAX_VALUE_DIM];
+        for (int u = 0; u < 4; u++)
+            for (i64 d = 0; d < Dv; d++) acc[u][d] = 0.0f;
+        for (j = 0; j + 4 <= n; j += 4)
+            for (int u = 0; u < 4; u++) {
+                const float p = s[j + u], *restrict vj = vb + (j + u) * Dv;
+                for (i64 d = 0; d < Dv; d++) acc[u][d] += p * vj[d];
+            }
+        for (; j < n; j++)
+            for (i64 d = 0; d < Dv; d++) acc[0][d] += s[j] * vb[j * Dv + d];
+        max_out[g] = m;
+        sum_out[g] = l;
+        for (i64 d = 0; d < Dv; d++) acc_out[g * Dv + d] = (acc[0][d] + acc[1][d]) + (acc[2][d] + acc[3][d]);
+    }
+}
+
+/* Returns 0, or -1 when G or Dv exceed the fixed buffers (the caller checks them first). */
+int decode_attention(const float *q, const float *k, const float *v, float *out, const int64_t *position,
+                     i64 B, i64 H_kv, i64 G, i64 S, i64 D, i64 Dv, float scale) {
+    if (G > MAX_GROUP || Dv > MAX_VALUE_DIM) return -1;
+    const i64 n_valid = *position + 1 < S ? *position + 1 : S;
+    const i64 n_blocks = (n_valid + BLOCK - 1) / BLOCK, items = B * H_kv * n_blocks;
+    float *block_max = malloc(sizeof(float) * items * G), *block_sum = malloc(sizeof(float) * items * G);
+    float *block_acc = malloc(sizeof(float) * items * G * Dv);
+    if (!block_max || !block_sum || !block_acc) {
+        free(block_max); free(block_sum); free(block_acc);
+        return -1;
+    }
+    #pragma omp parallel for schedule(static)
+    for (i64 item = 0; item < items; item++) {
+        const i64 bh = item / n_blocks, j0 = (item % n_blocks) * BLOCK;
+        const i64 n = j0 + BLOCK < n_valid ? BLOCK : n_valid - j0;
+        const float *kb = k + (bh * S + j0) * D, *vb = v + (bh * S + j0) * Dv, *qg = q + bh * G * D;
+        float *m = block_max + item * G, *l = block_sum + item * G, *acc = block_acc + item * G * Dv;
+        if (D == 32 && Dv == 32) attend_block(qg, kb, vb, n, G, 32, 32, scale, m, l, acc);
+        else if (D == 64 && Dv == 64) attend_block(qg, kb, vb, n, G, 64, 64, scale, m, l, acc);
+        else if (D == 96 && Dv == 96) attend_block(qg, kb, vb, n, G, 96, 96, scale, m, l, acc);
+        else if (D == 128 && Dv == 128) attend_block(qg, kb, vb, n, G, 128, 128, scale, m, l, acc);
+        else attend_block(qg, kb, vb, n, G, D, Dv, scale, m, l, acc);
+    }
+    for (i64 bh = 0; bh < B * H_kv; bh++)
+        for (i64 g = 0; g < G; g++) {
+            float m = -INFINITY, l = 0.0f, o[MAX_VALUE_DIM] = {0};
+            for (i64 b = 0; b < n_blocks; b++) {
+                const float mb = block_max[(bh * n_blocks + b) * G + g];
+                m = mb > m ? mb : m;
+            }
+            for (i64 b = 0; b < n_blocks; b++) {
+                const i64 at = (bh * n_blocks + b) * G + g;
+                const float w = exp_nonpositive(block_max[at] - m);
+                l += w * block_sum[at];
+                for (i64 d = 0; d < Dv; d++) o[d] += w * block_acc[at * Dv + d];
+            }
+            for (i64 d = 0; d < Dv; d++) out[(bh * G + g) * Dv + d] = o[d] / l;
+        }
+    free(block_max); free(block_sum); free(block_acc);
+    return 0;
+}

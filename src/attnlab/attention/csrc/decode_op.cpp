@@ -1,0 +1,41 @@
+// attnlab::decode_attention: decode.c's kernel as a PyTorch operator (CPU), so that compiled
+// decoding steps call it through the dispatcher like any ATen operator. Checks the arguments and
+// makes them contiguous; the kernel itself is in decode.c. Its shape function for tracing is
+// registered from Python (_native.py), where symbolic sizes pass through without specialising.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+extern "C" int decode_attention(const float *q, const float *k, const float *v, float *out, const int64_t *position,
+                                int64_t B, int64_t H_kv, int64_t G, int64_t S, int64_t D, int64_t Dv, float scale);
+
+namespace {
+
+at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                const at::Tensor &position, double scale) {
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D), got ", q.sizes());
+    TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == q.size(0) && v.sizes().slice(0, 3) == k.sizes().slice(0, 3)
+                    && k.size(3) == q.size(3), "decode_attention: k (B, H_kv, S, D) and v (B, H_kv, S, D_v) ",
+                "do not match q ", q.sizes(), ": ", k.sizes(), ", ", v.sizes());
+    TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode_attention: ", q.size(1), " query heads over ", k.size(1), " KV heads");
+    TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                "decode_attention: float32 only");
+    TORCH_CHECK(position.numel() == 1 && position.scalar_type() == at::kLong, "decode_attention: position must be "
+                "one int64");
+    const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    at::Tensor out = at::empty({q.size(0), q.size(1), 1, v.size(3)}, q.options());
+    const int status = decode_attention(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
+                                        out.data_ptr<float>(), position.data_ptr<int64_t>(), q.size(0), k.size(1),
+                                        q.size(1) / k.size(1), k.size(2), q.size(3), v.size(3), static_cast<float>(scale));
+    TORCH_CHECK(status == 0, "decode_attention: ", q.size(1) / k.size(1), " query heads per KV head (at most 16) or ",
+                "value width ", v.size(3), " (at most 256), or out of memory");
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(attnlab, m) {
+    m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(attnlab, CPU, m) { m.impl("decode_attention", decode_attention_cpu); }
