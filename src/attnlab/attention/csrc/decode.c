@@ -21,7 +21,8 @@ typedef int64_t i64;
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-#define BLOCK 128
+#define BLOCK 128                  /* keys per block at most */
+#define BLOCK_BYTES (16 * 1024)    /* one block's keys, and its values: both stay in L1 */
 #define MAX_GROUP 16
 #define MAX_VALUE_DIM 256
 
@@ -64,6 +65,105 @@ static inline v8 exp8_nonpositive(v8 x) {
 
 static inline float exp_nonpositive(float x) { return exp8_nonpositive(splat8(x))[0]; }
 
+/* The scores s[g][j] = scale * q_g . k_j of n <= BLOCK keys for `heads` (1 or 2) query heads:
+ * eight keys at a time, lane-wise products into eight independent sums per head (one running sum
+ * would wait on its own additions), then one transposed sum; two heads share each key load. */
+static inline __attribute__((always_inline)) void block_scores(
+        const float *restrict qh, const float *restrict kb, i64 n, int heads, const i64 D, float scale,
+        float s[][BLOCK]) {
+    i64 j = 0;
+    if (D % 8 == 0)
+        for (; j + 8 <= n; j += 8) {
+            const float *kj = kb + j * D;
+            v8 t[2][8];
+            for (int u = 0; u < 8; u++)
+                for (int h = 0; h < heads; h++) t[h][u] = load8(qh + h * D) * load8(kj + u * D);
+            for (i64 c = 8; c < D; c += 8)
+                for (int u = 0; u < 8; u++) {
+                    const v8 kc = load8(kj + u * D + c);
+                    for (int h = 0; h < heads; h++) t[h][u] += load8(qh + h * D + c) * kc;
+                }
+            for (int h = 0; h < heads; h++) store8(s[h] + j, row_sums8(t[h]) * scale);
+        }
+    for (; j < n; j++)
+        for (int h = 0; h < heads; h++) {
+            float dot = 0.0f;
+            for (i64 d = 0; d < D; d++) dot += qh[h * D + d] * kb[j * D + d];
+            s[h][j] = dot * scale;
+        }
+}
+
+/* Scores to weights exp(s - max), in place: returns the maximum, *sum gets the weights' sum. */
+static inline float block_softmax(float *s, i64 n, float *sum) {
+    v8 max8 = splat8(-INFINITY), sum8 = splat8(0.0f);
+    i64 j;
+    for (j = 0; j + 8 <= n; j += 8) max8 = select8(load8(s + j) > max8, load8(s + j), max8);
+    float m = -INFINITY, l = 0.0f;
+    for (int u = 0; u < 8; u++) m = max8[u] > m ? max8[u] : m;
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    for (j = 0; j + 8 <= n; j += 8) {
+        const v8 e = exp8_nonpositive(load8(s + j) - m);
+        store8(s + j, e);
+        sum8 += e;
+    }
+    for (int u = 0; u < 8; u++) l += sum8[u];
+    for (; j < n; j++) l += (s[j] = exp_nonpositive(s[j] - m));
+    *sum = l;
+    return m;
+}
+
+/* acc (Dv) = sum_j w[j] v_j for one head: successive keys into `sums` separate sums, about 128
+ * floats in all (16 vector registers), so that the additions do not wait on each other. */
+static inline __attribute__((always_inline)) void block_values_one_head(
+        const float *restrict w, const float *restrict vb, i64 n, const i64 Dv, float *restrict acc_out) {
+    const int sums = Dv <= 32 ? 4 : Dv <= 64 ? 2 : 1;
+    float acc[4][MAX_VALUE_DIM];
+    for (int u = 0; u < sums; u++)
+        for (i64 d = 0; d < Dv; d++) acc[u][d] = 0.0f;
+    i64 j;
+    for (j = 0; j + sums <= n; j += sums)
+        for (int u = 0; u < sums; u++) {
+            const float p = w[j + u], *restrict vj = vb + (j + u) * Dv;
+            for (i64 d = 0; d < Dv; d++) acc[u][d] += p * vj[d];
+        }
+    for (; j < n; j++)
+        for (i64 d = 0; d < Dv; d++) acc[0][d] += w[j] * vb[j * Dv + d];
+    for (i64 d = 0; d < Dv; d++) {
+        float total = acc[0][d];
+        for (int u = 1; u < sums; u++) total += acc[u][d];
+        acc_out[d] = total;
+    }
+}
+
+/* The same for four heads at once, 16 value channels at a time: each value load feeds four
+ * heads, and the eight running sums are independent. */
+static inline __attribute__((always_inline)) void block_values_four_heads(
+        float w[][BLOCK], const float *restrict vb, i64 n, const i64 Dv, float *restrict acc_out) {
+    i64 d0 = 0;
+    for (; d0 + 16 <= Dv; d0 += 16) {
+        v8 acc[4][2];
+        for (int h = 0; h < 4; h++) acc[h][0] = acc[h][1] = splat8(0.0f);
+        for (i64 j = 0; j < n; j++) {
+            const v8 v0 = load8(vb + j * Dv + d0), v1 = load8(vb + j * Dv + d0 + 8);
+            for (int h = 0; h < 4; h++) {
+                const v8 p = splat8(w[h][j]);
+                acc[h][0] += p * v0;
+                acc[h][1] += p * v1;
+            }
+        }
+        for (int h = 0; h < 4; h++) {
+            store8(acc_out + h * Dv + d0, acc[h][0]);
+            store8(acc_out + h * Dv + d0 + 8, acc[h][1]);
+        }
+    }
+    for (; d0 < Dv; d0++)
+        for (int h = 0; h < 4; h++) {
+            float total = 0.0f;
+            for (i64 j = 0; j < n; j++) total += w[h][j] * vb[j * Dv + d0];
+            acc_out[h * Dv + d0] = total;
+        }
+}
+
 /* One block of n <= BLOCK keys of one (sequence, KV head) for its G query heads qg (G, D): per
  * head the block's maximum score, its sum of exponentials and its unnormalised output (Dv).
  * Always inlined, so that the calls with constant widths get fully unrolled copies. */
@@ -71,55 +171,14 @@ static inline __attribute__((always_inline)) void attend_block(
         const float *restrict qg, const float *restrict kb, const float *restrict vb, i64 n, i64 G,
         const i64 D, const i64 Dv, float scale, float *restrict max_out, float *restrict sum_out,
         float *restrict acc_out) {
-    float s[BLOCK];
-    for (i64 g = 0; g < G; g++) {
-        const float *restrict qh = qg + g * D;
-        i64 j = 0;
-        if (D % 8 == 0)  /* eight keys at a time: lane-wise products, then one transposed sum */
-            for (; j + 8 <= n; j += 8) {
-                v8 t[8];
-                for (int u = 0; u < 8; u++) {
-                    const float *kj = kb + (j + u) * D;
-                    v8 a = load8(qh) * load8(kj);
-                    for (i64 c = 8; c < D; c += 8) a += load8(qh + c) * load8(kj + c);
-                    t[u] = a;
-                }
-                store8(s + j, row_sums8(t) * scale);
-            }
-        for (; j < n; j++) {
-            float dot = 0.0f;
-            for (i64 d = 0; d < D; d++) dot += qh[d] * kb[j * D + d];
-            s[j] = dot * scale;
-        }
-        v8 max8 = splat8(-INFINITY);
-        for (j = 0; j + 8 <= n; j += 8) max8 = select8(load8(s + j) > max8, load8(s + j), max8);
-        float m = -INFINITY, l = 0.0f;
-        for (int u = 0; u < 8; u++) m = max8[u] > m ? max8[u] : m;
-        for (; j < n; j++) m = s[j] > m ? s[j] : m;
-        v8 sum8 = splat8(0.0f);
-        for (j = 0; j + 8 <= n; j += 8) {
-            const v8 e = exp8_nonpositive(load8(s + j) - m);
-            store8(s + j, e);
-            sum8 += e;
-        }
-        for (int u = 0; u < 8; u++) l += sum8[u];
-        for (; j < n; j++) l += (s[j] = exp_nonpositive(s[j] - m));
-        /* four keys' products into four sums: one running sum would wait on its own previous
-         * addition at every key (the floating-point latency, not the reads, would set the pace) */
-        float acc[4][MAX_VALUE_DIM];
-        for (int u = 0; u < 4; u++)
-            for (i64 d = 0; d < Dv; d++) acc[u][d] = 0.0f;
-        for (j = 0; j + 4 <= n; j += 4)
-            for (int u = 0; u < 4; u++) {
-                const float p = s[j + u], *restrict vj = vb + (j + u) * Dv;
-                for (i64 d = 0; d < Dv; d++) acc[u][d] += p * vj[d];
-            }
-        for (; j < n; j++)
-            for (i64 d = 0; d < Dv; d++) acc[0][d] += s[j] * vb[j * Dv + d];
-        max_out[g] = m;
-        sum_out[g] = l;
-        for (i64 d = 0; d < Dv; d++) acc_out[g * Dv + d] = (acc[0][d] + acc[1][d]) + (acc[2][d] + acc[3][d]);
-    }
+    float s[MAX_GROUP][BLOCK];
+    i64 g = 0;
+    for (; g + 2 <= G; g += 2) block_scores(qg + g * D, kb, n, 2, D, scale, s + g);
+    if (g < G) block_scores(qg + g * D, kb, n, 1, D, scale, s + g);
+    for (g = 0; g < G; g++) max_out[g] = block_softmax(s[g], n, sum_out + g);
+    g = 0;
+    for (; g + 4 <= G; g += 4) block_values_four_heads(s + g, vb, n, Dv, acc_out + g * Dv);
+    for (; g < G; g++) block_values_one_head(s[g], vb, n, Dv, acc_out + g * Dv);
 }
 
 /* Returns 0, or -1 when G or Dv exceed the fixed buffers (the caller checks them first). */
@@ -127,7 +186,11 @@ int decode_attention(const float *q, const float *k, const float *v, float *out,
                      i64 B, i64 H_kv, i64 G, i64 S, i64 D, i64 Dv, float scale) {
     if (G > MAX_GROUP || Dv > MAX_VALUE_DIM) return -1;
     const i64 n_valid = *position + 1 < S ? *position + 1 : S;
-    const i64 n_blocks = (n_valid + BLOCK - 1) / BLOCK, items = B * H_kv * n_blocks;
+    /* every query head of a KV head passes over the block's keys and values again: keep a block
+     * within L1 (128 keys of 32 channels; 40 of MLA's 96) */
+    const i64 widest = D > Dv ? D : Dv, fit = BLOCK_BYTES / (i64)sizeof(float) / widest / 8 * 8;
+    const i64 block = fit < 8 ? 8 : fit > BLOCK ? BLOCK : fit;
+    const i64 n_blocks = (n_valid + block - 1) / block, items = B * H_kv * n_blocks;
     float *block_max = malloc(sizeof(float) * items * G), *block_sum = malloc(sizeof(float) * items * G);
     float *block_acc = malloc(sizeof(float) * items * G * Dv);
     if (!block_max || !block_sum || !block_acc) {
@@ -136,8 +199,8 @@ int decode_attention(const float *q, const float *k, const float *v, float *out,
     }
     #pragma omp parallel for schedule(static)
     for (i64 item = 0; item < items; item++) {
-        const i64 bh = item / n_blocks, j0 = (item % n_blocks) * BLOCK;
-        const i64 n = j0 + BLOCK < n_valid ? BLOCK : n_valid - j0;
+        const i64 bh = item / n_blocks, j0 = (item % n_blocks) * block;
+        const i64 n = j0 + block < n_valid ? block : n_valid - j0;
         const float *kb = k + (bh * S + j0) * D, *vb = v + (bh * S + j0) * Dv, *qg = q + bh * G * D;
         float *m = block_max + item * G, *l = block_sum + item * G, *acc = block_acc + item * G * Dv;
         if (D == 32 && Dv == 32) attend_block(qg, kb, vb, n, G, 32, 32, scale, m, l, acc);
