@@ -62,15 +62,16 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
     ``(warmup + repeats) * decode_steps`` during the measurement). ``static_step``: the steps run
     ``GPT.step(compile=True)`` after a fresh ``torch._dynamo.reset()`` (every mechanism is counted
     from zero and gets the whole recompile limit); its first call, which compiles, is timed
-    separately. ``compiled``: the model itself was compiled for training, so the prefill and the
-    eager steps run it eagerly."""
+    separately, then ``decode_steps`` steps with dynamo's guards checked count the recompiles,
+    and the timed steps trust the guards as :meth:`GPT.stream` does. ``compiled``: the model
+    itself was compiled for training, so the prefill and the eager steps run it eagerly."""
     steps, batch_size = settings.decode_steps, settings.decode_batch_size
     entry = dict.fromkeys(COMPILED_DECODE_FIELDS if static_step else DECODE_FIELDS)
     entry.update(context_len=context_len, batch_size=batch_size, steps=steps)
     if static_step and (reason := model.decode_step_unsupported()) is not None:
         entry["error"] = f"no static decoding step: {reason}"
         return entry
-    total = context_len + (settings.warmup + settings.repeats) * steps + static_step
+    total = context_len + (settings.warmup + settings.repeats + static_step) * steps + static_step
     with eval_mode(model), autocast(device, precision):
         with eager(compiled):
             cache = model.init_cache(batch_size, total)
@@ -86,6 +87,10 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
             entry["compile_s"] = time.perf_counter() - start
             compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             entry["graphs_compiled"] = compiled_graphs - before
+            for _ in range(steps):  # guards checked: any recompile across positions shows here
+                token = step(token).argmax(dim=-1, keepdim=True)
+            entry["recompiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_graphs
+            step = partial(model.step, cache=cache, compile=True, trust_guards=True)
         else:
             def step(token: Tensor) -> Tensor:
                 return model(token, cache=cache, last_only=True).logits[:, -1]
@@ -98,8 +103,6 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
 
         with stance:
             seconds = time_calls(decode_steps, settings.warmup, settings.repeats, device)
-        if static_step:
-            entry["recompiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_graphs
     stats = summarize(seconds)
     entry.update(throughput(steps * batch_size, stats), ms_per_token=1e3 * stats["median"] / steps)
     # the floor of a step: reading its bytes once, timed on this machine now

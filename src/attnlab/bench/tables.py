@@ -180,8 +180,9 @@ NOTES = """\
 - Compiled decoding (`bench.decode_compile=true`): `GPT.step(compile=True)` after a fresh
   `torch._dynamo.reset()`; its first step (tracing and compiling, from inductor's on-disk cache
   when warm) is timed apart as `compile_s`; graphs counted by dynamo (`unique_graphs`): those
-  compiled by the first step and those compiled afterwards (recompiles, 0 when every position ran
-  the same graph). `n/a`: the mechanism has no static step (the reason is listed under Errors).
+  compiled by the first step and those compiled during the next `decode_steps` steps, guards checked
+  (recompiles, 0 when every position ran the same graph); the timed steps then trust the guards
+  (`trust_guards=True`, as `generate(compile=True)` does after its first step). `n/a`: the mechanism has no static step (the reason is listed under Errors).
 - Step read: every decoding entry beside the time to read the bytes its step must read at least
   once (the weights that multiply the token, i.e. attention, feed-forward, norms and the LM
   head's `V x C`, and the mechanism's cache at that context by its closed form), timed as a
