@@ -161,6 +161,28 @@ def test_generate_compiled_equals_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
+def test_steps_with_trusted_guards_equal_checked_steps():
+    """trust_guards=True (what stream uses after its first step) runs the graph the checked first
+    step compiled, with the same logits at every later position, and compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = GPT.from_config(TINY_MODEL, {"name": "sliding", "window": 4}).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    checked, trusted = model.init_cache(2, 16), model.init_cache(2, 16)
+    with torch.no_grad():
+        full = model(idx).logits
+        for cache in (checked, trusted):
+            model(idx[:, :3], cache=cache)
+        first = model.step(idx[:, 3:4], trusted, compile=True)  # compiles, guards checked
+        graphs = counters["stats"]["unique_graphs"]
+        logits = [first] + [model.step(idx[:, t:t + 1], trusted, compile=True, trust_guards=True) for t in range(4, 16)]
+        reference = [model.step(idx[:, t:t + 1], checked, compile=True) for t in range(3, 16)]
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(torch.stack(logits, 1), torch.stack(reference, 1), atol=0, rtol=0)
+    torch.testing.assert_close(torch.stack(logits, 1), full[:, 3:], atol=2e-5, rtol=1e-4)
+
+
 def test_step_checks_the_cache_and_position_limits():
     model = GPT.from_config({**TINY_MODEL, "pos_encoding": "learned"}, "mha").eval()
     cache = model.init_cache(1, 3)
