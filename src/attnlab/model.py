@@ -77,8 +77,12 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
     def decode_step(self, x: Tensor, ctx: AttentionContext, cache: AttentionCache) -> Tensor:
-        """``(B, 1, C) -> (B, 1, C)`` through the attention's static step (inference: no dropout)."""
-        x = x + self.attn.decode_step(self.attn_norm(x), ctx, cache)
+        """``(B, C) -> (B, C)`` through the attention's static step, which takes ``(B, 1, C)``
+        (inference: no dropout). The feed-forward half stays two-dimensional: compiled, a
+        ``(B, 1, C)`` activation reaches its matrix products as a view that gives the size-1
+        axis stride 0, which ATen's CPU ``mm`` copies before every call."""
+        B, C = x.shape
+        x = x + self.attn.decode_step(self.attn_norm(x).view(B, 1, C), ctx, cache).view(B, C)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -221,13 +225,13 @@ class GPT(nn.Module):
         The function ``torch.compile`` compiles: it reads the position only as a tensor and calls
         each layer's :meth:`~attnlab.attention.base.Attention.decode_step`, so every position runs
         the same graph. Call :meth:`step` (limits checked, position advanced) rather than this."""
-        x = self.tok_emb(token)
+        x = self.tok_emb(token[:, 0])  # (B, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(cache.position.view(1))
+            x = x + self.pos_emb(cache.position)
         ctx = AttentionContext(self.rope, cache.position)
         for i, block in enumerate(self.blocks):
             x = block.decode_step(x, ctx.scope(f"layer{i}"), cache.layers[i])
-        return F.linear(self.final_norm(x[:, -1]), self.lm_weight).float()
+        return F.linear(self.final_norm(x), self.lm_weight).float()
 
     def step(self, token: Tensor, cache: ModelCache, compile: bool = False, trust_guards: bool = False) -> Tensor:
         """Decode one token per sequence, ``token`` ``(B, 1)``, with the static step; returns the
