@@ -37,7 +37,9 @@ from attnlab.attention import (
     ModelCache,
     resolve_layer_attention,
 )
+from attnlab.attention.kernels import native_decode_available
 from attnlab.config import ModelConfig
+from attnlab.decode_passes import FewRowLinears
 from attnlab.layers import MLP, RotaryEmbedding, make_norm
 from attnlab.loss import IGNORE_INDEX, linear_cross_entropy
 
@@ -348,4 +350,7 @@ def compiled_static_step(device_type: str):
     1.73 ms MHA, 1.10 -> 0.89 ms MQA), for a longer first compilation."""
     if device_type == "cuda":
         return torch.compile(GPT.static_step, mode="reduce-overhead")
-    return torch.compile(GPT.static_step, options={"cpp_wrapper": True})
+    options: dict[str, Any] = {"cpp_wrapper": True}
+    if device_type == "cpu" and native_decode_available():  # the products of few rows on the C kernel
+        options["post_grad_custom_post_pass"] = FewRowLinears()
+    return torch.compile(GPT.static_step, options=options)

@@ -337,11 +337,15 @@ def decode_available() -> bool:
 
 @functools.cache
 def _register_decode_shape() -> None:
-    """The operator's output for fake tensors: ``(B, H, 1, D_v)``, symbolic sizes kept (a cache
-    length traced as dynamic stays dynamic). Once per process: a library loads only once."""
+    """The operators' outputs for fake tensors, symbolic sizes kept (a cache length traced as
+    dynamic stays dynamic). Once per process: a library loads only once."""
     @torch.library.register_fake("attnlab::decode_attention")
-    def _shape(q: Tensor, k: Tensor, v: Tensor, position: Tensor, scale: float) -> Tensor:
+    def _attention_shape(q: Tensor, k: Tensor, v: Tensor, position: Tensor, scale: float) -> Tensor:
         return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
+
+    @torch.library.register_fake("attnlab::decode_linear")
+    def _linear_shape(x: Tensor, weight: Tensor, add: Tensor | None) -> Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, position: Tensor, scale: float) -> Tensor:
@@ -350,3 +354,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, position: Tensor, scale: f
     (CPU float32; ``position`` a 0-d int64 tensor): ``(B, H, 1, D_v)``, query head ``h`` reading KV
     head ``h // (H / H_kv)``. Needs :func:`decode_available`; usable inside ``torch.compile``."""
     return torch.ops.attnlab.decode_attention(q, k, v, position, scale)
+
+
+def decode_linear(x: Tensor, weight: Tensor, add: Tensor | None = None) -> Tensor:
+    """``x`` ``(M, K)`` times ``weight`` ``(N, K)`` transposed, plus ``add`` ``(N)`` or ``(M, N)``:
+    ``(M, N)``, CPU float32, for the few rows of a decoding step (see :mod:`attnlab.decode_passes`)."""
+    return torch.ops.attnlab.decode_linear(x, weight, add)

@@ -227,3 +227,49 @@ int decode_attention(const float *q, const float *k, const float *v, float *out,
     free(block_max); free(block_sum); free(block_acc);
     return 0;
 }
+
+/* The decoding step's matrix products, one row per sequence: out (M, N) = x (M, K) W^T + add,
+ * W (N, K) row-major, add (N) (a bias, add_row_stride 0) or (M, N) (a residual) or NULL, x's rows
+ * x_row_stride apart: four weight rows at a time meet the row of x in eight lanes. */
+static inline __attribute__((always_inline)) void linear_rows(
+        const float *restrict xm, const float *restrict w, i64 n0, i64 n1, const i64 K, float *restrict out) {
+    i64 n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        v8 acc[4] = {splat8(0.0f), splat8(0.0f), splat8(0.0f), splat8(0.0f)};
+        i64 k = 0;
+        for (; k + 8 <= K; k += 8) {
+            const v8 xv = load8(xm + k);
+            for (int r = 0; r < 4; r++) acc[r] += xv * load8(w + (n + r) * K + k);
+        }
+        for (int r = 0; r < 4; r++) {
+            float total = 0.0f;
+            for (int u = 0; u < 8; u++) total += acc[r][u];
+            for (i64 kk = k; kk < K; kk++) total += xm[kk] * w[(n + r) * K + kk];
+            out[n + r] = total;
+        }
+    }
+    for (; n < n1; n++) {
+        float total = 0.0f;
+        for (i64 k = 0; k < K; k++) total += xm[k] * w[n * K + k];
+        out[n] = total;
+    }
+}
+
+/* Weights of at least this many elements (64 KiB) are split over the threads: their read from
+ * memory, not the product, is the time; smaller ones are not worth waking a thread for. */
+#define LINEAR_PARALLEL_MIN (16 * 1024)
+
+void decode_linear(const float *x, i64 x_row_stride, const float *w, const float *add, i64 add_row_stride,
+                   float *out, i64 M, i64 N, i64 K) {
+    const i64 chunk = 64, chunks = (N + chunk - 1) / chunk;
+    #pragma omp parallel for schedule(static) if (N * K >= LINEAR_PARALLEL_MIN)
+    for (i64 c = 0; c < M * chunks; c++) {
+        const i64 m = c / chunks, n0 = (c % chunks) * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        float *row = out + m * N;
+        if (K == 128) linear_rows(x + m * x_row_stride, w, n0, n1, 128, row);
+        else if (K == 512) linear_rows(x + m * x_row_stride, w, n0, n1, 512, row);
+        else linear_rows(x + m * x_row_stride, w, n0, n1, K, row);
+        if (add)
+            for (i64 n = n0; n < n1; n++) row[n] += add[m * add_row_stride + n];
+    }
+}

@@ -1,7 +1,8 @@
-// attnlab::decode_attention: decode.c's kernel as a PyTorch operator (CPU), so that compiled
-// decoding steps call it through the dispatcher like any ATen operator. Checks the arguments and
-// makes them contiguous; the kernel itself is in decode.c. Its shape function for tracing is
-// registered from Python (_native.py), where symbolic sizes pass through without specialising.
+// attnlab::decode_attention and attnlab::decode_linear: decode.c's kernels as PyTorch operators
+// (CPU), so that compiled decoding steps call them through the dispatcher like any ATen operator.
+// Checks the arguments and makes them contiguous; the kernels themselves are in decode.c. Their
+// shape functions for tracing are registered from Python (_native.py), where symbolic sizes pass
+// through without specialising.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -9,7 +10,32 @@
 extern "C" int decode_attention(const float *q, const float *k, const float *v, float *out, const int64_t *position,
                                 int64_t B, int64_t H_kv, int64_t G, int64_t S, int64_t D, int64_t Dv, float scale);
 
+extern "C" void decode_linear(const float *x, int64_t x_row_stride, const float *w, const float *add,
+                              int64_t add_row_stride, float *out, int64_t M, int64_t N, int64_t K);
+
 namespace {
+
+// x (M, K) @ weight (N, K)^T + add, add (N) or (M, N) or none.
+at::Tensor decode_linear_cpu(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &add) {
+    TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: x (M, K) and ",
+                "weight (N, K) do not match: ", x.sizes(), ", ", weight.sizes());
+    TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "decode_linear: float32 only");
+    const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+    const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), wc = weight.contiguous();
+    at::Tensor addc;
+    int64_t add_row_stride = 0;
+    if (add.has_value()) {
+        TORCH_CHECK(add->scalar_type() == at::kFloat && add->size(-1) == N && add->numel() % N == 0
+                        && (add->numel() == N || add->numel() == M * N), "decode_linear: add must be (N) or (M, N), got ",
+                    add->sizes());
+        addc = add->contiguous();
+        add_row_stride = addc.numel() == N ? 0 : N;
+    }
+    at::Tensor out = at::empty({M, N}, x.options());
+    decode_linear(xc.data_ptr<float>(), xc.stride(0), wc.data_ptr<float>(),
+                  add.has_value() ? addc.data_ptr<float>() : nullptr, add_row_stride, out.data_ptr<float>(), M, N, K);
+    return out;
+}
 
 at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                 const at::Tensor &position, double scale) {
@@ -36,6 +62,10 @@ at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const 
 
 TORCH_LIBRARY_FRAGMENT(attnlab, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
+    m.def("decode_linear(Tensor x, Tensor weight, Tensor? add) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(attnlab, CPU, m) { m.impl("decode_attention", decode_attention_cpu); }
+TORCH_LIBRARY_IMPL(attnlab, CPU, m) {
+    m.impl("decode_attention", decode_attention_cpu);
+    m.impl("decode_linear", decode_linear_cpu);
+}
