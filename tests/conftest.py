@@ -31,6 +31,15 @@ def _deterministic():
 
 
 @pytest.fixture
+def threads(request):
+    """``torch.set_num_threads(N)`` for one test (``@pytest.mark.parametrize("threads", [N], indirect=True)``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_model_cfg():
     from attnlab.config import ModelConfig
 

@@ -14,14 +14,6 @@ pytestmark = pytest.mark.skipif(not _native.decode_available(),
                                 reason="no C/C++ compiler or PyTorch headers: the decode kernels did not build")
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("M,N,K", [(1, 384, 128), (1, 1024, 128), (1, 128, 512), (3, 37, 13), (2, 5, 8), (1, 256, 96)])
 def test_decode_linear_equals_float64_products(threads, M, N, K):

@@ -40,14 +40,6 @@ def naive_entries(B, T, H, G, K, keys, start):
                         yield b, t, h, slot, key, h // (H // G)
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("G", [4, 2, 1])
 @pytest.mark.parametrize("D", [32, 12])

@@ -32,14 +32,6 @@ def naive_decode(q, k, v, position, scale):
     return out
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("H_kv,G", [(4, 1), (2, 2), (1, 4), (1, 16)])
 @pytest.mark.parametrize("D,Dv", [(32, 32), (64, 64), (96, 96), (128, 128), (12, 20), (40, 8)])
