@@ -347,7 +347,9 @@ def compiled_static_step(device_type: str):
     graph replay; the caches' addresses are marked static, see :meth:`ModelCache.mark_static_addresses`).
     Elsewhere inductor's C++ wrapper calls the step's kernels without Python between them: 18-20%
     less time per step than its Python wrapper (exp10 width, context 4,096, one thread: 2.10 ->
-    1.73 ms MHA, 1.10 -> 0.89 ms MQA), for a longer first compilation."""
+    1.73 ms MHA, 1.10 -> 0.89 ms MQA), for a longer first compilation; on CPU with the C kernels
+    built, :class:`~attnlab.decode_passes.FewRowLinears` moves the step's one-row matrix products
+    onto ``attnlab::decode_linear``."""
     if device_type == "cuda":
         return torch.compile(GPT.static_step, mode="reduce-overhead")
     options: dict[str, Any] = {"cpp_wrapper": True}
