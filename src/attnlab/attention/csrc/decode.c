@@ -1,12 +1,14 @@
-/* Single-token attention over a pre-allocated cache (the static decoding step), for CPU float32.
+/* The static decoding step's kernels for CPU float32: single-token attention over a pre-allocated
+ * cache (decode_attention) and the step's few-row matrix products (decode_linear, at the end).
  *
  * One query per head reads every cached key once: the step is bound by reading the cache, and
  * PyTorch's fused CPU kernel reads it at half the speed or less for one query (it runs small
- * matrix products per block and splits the work by heads only: MQA's one KV head on one thread). Here the keys of
- * each (sequence, KV head) are cut into blocks of BLOCK positions; OpenMP threads (PyTorch's own
- * runtime, whose thread count torch.set_num_threads sets) take the blocks; each block gives every
- * query head of its KV head a maximum, a sum of exponentials and an unnormalised output, and the
- * blocks are merged by their maxima (the log-sum-exp rule of split-K "flash decoding").
+ * matrix products per block and splits the work by heads only: MQA's one KV head on one
+ * thread). Here the keys of each (sequence, KV head) are cut into blocks that fit L1 (at most
+ * BLOCK keys); OpenMP threads (PyTorch's own runtime, whose thread count torch.set_num_threads
+ * sets) take the blocks; each block gives every query head of its KV head a maximum, a sum of
+ * exponentials and an unnormalised output, and the blocks are merged by their maxima (the
+ * log-sum-exp rule of split-K "flash decoding").
  *
  * Layouts (contiguous): q (B, H_kv * G, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv), out
  * (B, H_kv * G, Dv); query head h reads KV head h / G. Slots 0..min(*position, S - 1) are
