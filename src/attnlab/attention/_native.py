@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,35 +77,52 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnlab" / "native"
 
 
-def _build(source: Path, flags: list[str], compiler: str) -> Path:
-    """Compile ``source`` unless the cache holds it; return the library's path."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_signature()]).encode())
-    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+def _cached_library(stem: str, key_parts: list[str], build: Callable[[Path], Path]) -> Path:
+    """The library cached under a hash of ``key_parts`` (sources, flags, compiler versions) and the
+    CPU; if absent, ``build(scratch)`` makes it in a scratch directory and it is moved into place
+    (atomic: concurrent processes may race; a failed build leaves nothing behind)."""
+    key = hashlib.sha256("\0".join([*key_parts, _cpu_signature()]).encode())
+    target = _cache_dir() / f"{stem}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *flags, str(source), "-o", partial], capture_output=True, text=True, check=True)
-            os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            os.replace(build(Path(scratch)), target)
     return target
+
+
+def _shell(command: list[str]) -> str:
+    """A compiler's standard output (raises with its standard error on failure)."""
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def _compilers(variables: dict[str, str], fallback: str) -> list[str] | None:
+    """The compilers named by these environment variables (else their defaults), or None (logged,
+    saying what the ``fallback`` is) when ``ATTNLAB_NATIVE=0`` or one of them is not installed."""
+    if os.environ.get("ATTNLAB_NATIVE", "1") == "0":
+        return None
+    compilers = [os.environ.get(variable) or default for variable, default in variables.items()]
+    if missing := [c for c in compilers if shutil.which(c) is None]:
+        log.warning("no compiler %s: %s", " / ".join(missing), fallback)
+        return None
+    return compilers
+
+
+def _build(source: Path, flags: list[str], compiler: str) -> Path:
+    """Compile ``source`` unless the cache holds it; return the library's path."""
+    def build(scratch: Path) -> Path:
+        _shell([compiler, *flags, str(source), "-o", str(scratch / "library.so")])
+        return scratch / "library.so"
+
+    return _cached_library(source.stem, [source.read_text(), " ".join(flags), _shell([compiler, "--version"])], build)
 
 
 def _load(source: Path, flags: list[str], signatures: dict, restype, fallback: str) -> ctypes.CDLL | None:
     """``source`` built and loaded with its functions' signatures, or None (disabled, no compiler,
     or the build failed: logged, saying what the ``fallback`` is)."""
-    if os.environ.get("ATTNLAB_NATIVE", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        log.warning("no C compiler (%s): %s", compiler, fallback)
+    if (compilers := _compilers({"CC": "cc"}, fallback)) is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(source, flags, compiler)))
+        lib = ctypes.CDLL(str(_build(source, flags, compilers[0])))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         log.warning("building %s failed, %s: %s", source.name, fallback, detail)
@@ -296,34 +314,26 @@ def _build_decode(c_compiler: str, cxx_compiler: str) -> Path:
     cxx_flags = ["-O2", "-std=c++17", "-fPIC", "-shared", abi, *(f"-I{d}" for d in cpp_extension.include_paths())]
     lib_dir = cpp_extension.library_paths()[0]
     link = [f"-L{lib_dir}", "-lc10", "-ltorch_cpu", "-fopenmp", f"-Wl,-rpath,{lib_dir}"]
-    versions = [subprocess.run([c, "--version"], capture_output=True, text=True, check=True).stdout
-                for c in (c_compiler, cxx_compiler)]
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in DECODE_SOURCES), " ".join(c_flags + cxx_flags),
-                                     *versions, torch.__version__, _cpu_signature()]).encode())
-    target = _cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            kernel, partial = Path(scratch) / "decode.o", Path(scratch) / "decode.so"
-            c_only = [flag for flag in c_flags if flag != "-shared"]
-            subprocess.run([c_compiler, *c_only, "-c", str(DECODE_SOURCES[0]), "-o", str(kernel)],
-                           capture_output=True, text=True, check=True)
-            subprocess.run([cxx_compiler, *cxx_flags, str(DECODE_SOURCES[1]), str(kernel), *link, "-o", str(partial)],
-                           capture_output=True, text=True, check=True)
-            os.replace(partial, target)
-    return target
+    versions = [_shell([c, "--version"]) for c in (c_compiler, cxx_compiler)]
+
+    def build(scratch: Path) -> Path:
+        kernel, library = scratch / "decode.o", scratch / "decode.so"
+        c_only = [flag for flag in c_flags if flag != "-shared"]
+        _shell([c_compiler, *c_only, "-c", str(DECODE_SOURCES[0]), "-o", str(kernel)])
+        _shell([cxx_compiler, *cxx_flags, str(DECODE_SOURCES[1]), str(kernel), *link, "-o", str(library)])
+        return library
+
+    key_parts = [*(source.read_text() for source in DECODE_SOURCES), " ".join(c_flags + cxx_flags), *versions,
+                 torch.__version__]
+    return _cached_library("decode", key_parts, build)
 
 
 @functools.cache
 def decode_available() -> bool:
     """Whether ``attnlab::decode_attention`` is loaded (built on first use; False, logged once,
     when disabled or when no C/C++ compiler or PyTorch's headers can build it)."""
-    if os.environ.get("ATTNLAB_NATIVE", "1") == "0":
-        return False
     fallback = "the static decoding step attends with PyTorch's fused kernel"
-    compilers = [os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"]
-    if missing := [c for c in compilers if shutil.which(c) is None]:
-        log.warning("no compiler %s: %s", " / ".join(missing), fallback)
+    if (compilers := _compilers({"CC": "cc", "CXX": "c++"}, fallback)) is None:
         return False
     try:
         torch.ops.load_library(_build_decode(*compilers))
