@@ -146,6 +146,26 @@ def test_chunk_selection_scores_heads_and_keeps_the_kl_inputs():
     assert torch.equal(terms, want_terms)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+def test_chunk_selection_writes_its_rows_of_a_whole_selection(threads):
+    """With ``into``, the chunk's rows land at ``row..row+n`` of the sequence-long outputs (both
+    sequences), the same values as a chunk on its own, on any number of OpenMP threads; the other
+    rows stay as they were."""
+    gen = torch.Generator().manual_seed(1)
+    B, J, n, first, top_k, T, row = 2, 4, 7, 30, 8, 20, 9
+    E = first + n - 1
+    products, weights = torch.randn(B, J, n, E, generator=gen), torch.randn(B, n, J, generator=gen)
+    alone = _native.select_chunk(products, weights, first, top_k, True)
+    into = (torch.full((B, T, top_k), -1, dtype=torch.int32), torch.full((B, T, top_k), -1.0),
+            torch.full((B, T, J, top_k), -1.0))
+    scratch = torch.empty(_native.select_scratch_size(E, threads), dtype=torch.int32)
+    got = _native.select_chunk(products, weights, first, top_k, True, into, row, scratch)
+    for whole, part in zip(got, alone):
+        assert torch.equal(whole[:, row:row + n], part)
+        outside = torch.cat([whole[:, :row], whole[:, row + n:]], dim=1)
+        assert (outside == -1).all()
+
+
 def test_kernels_refuse_other_dtypes_and_layouts():
     keys = torch.zeros(1, 2, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="float64"):

@@ -11,7 +11,9 @@ products and takes an exact radix top-k while the row is in cache; :func:`sample
 row's gradients, scattering the key-side ones into one table per thread (or per KV group) instead
 of sorting. The file is compiled with the system C compiler (``$CC``, else ``cc``) and called
 through ``ctypes``, which releases the GIL: every call splits its rows over
-``torch.get_num_threads()`` Python threads.
+``torch.get_num_threads()`` Python threads, except :func:`select_chunk`, called for every few
+dozen query rows, which spreads them over PyTorch's own OpenMP threads (a Python thread pool cost
+tens of microseconds per call, and its threads competed for the cores with OpenMP's spinning ones).
 
 **The static decoding step's attention** (``csrc/decode.c`` and ``csrc/decode_op.cpp``): one
 token's queries over a pre-allocated cache, split over the keys (see the C file), registered as
@@ -59,7 +61,7 @@ _SIGNATURES = {
     "gather_sum": [_ptr] * 4 + [_i64] * 7 + [_i64, _i64],
     "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32] + [_i64] * 4,
     "indexer_kl_backward": [_ptr] * 8 + [_i64] * 6 + [_i64, _i64],
-    "select_chunk": [_ptr] * 6 + [_i64] * 5 + [_i64, _i64],
+    "select_chunk": [_ptr] * 6 + [_i64] * 9,
 }
 
 
@@ -136,7 +138,9 @@ def _load(source: Path, flags: list[str], signatures: dict, restype, fallback: s
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The sparse mechanism's compiled kernels (``csrc/selected.c``), or None."""
-    return _load(SOURCE, FLAGS, _SIGNATURES, None, "the sparse mechanism's CPU training path uses PyTorch operations")
+    # OpenMP (select_chunk's rows), resolved to the libgomp that PyTorch loaded: one thread team
+    flags = [*FLAGS, "-fopenmp", f"-Wl,-rpath,{Path(torch.__file__).parent / 'lib'}"]
+    return _load(SOURCE, flags, _SIGNATURES, None, "the sparse mechanism's CPU training path uses PyTorch operations")
 
 
 def available() -> bool:
@@ -269,30 +273,45 @@ def indexer_kl_backward(grad_scores: Tensor, weights: Tensor, terms: Tensor, ind
     return grad_q, grad_k.sum(0) if len(parts) > 1 else grad_k[0]
 
 
-def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int, keep_for_kl: bool
-                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int, keep_for_kl: bool,
+                 into: tuple[Tensor, Tensor | None, Tensor | None] | None = None, row: int = 0,
+                 scratch: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The lightning indexer's top-k for a chunk of ``n`` queries from its heads' products
     ``q_j . k`` ``(B, J, n, E)`` and head weights ``(B, n, J)``: the scores ``sum_j w_j ReLU(q_j . k)``
     of row ``t``'s causal positions ``s < first_count + t``, and their ``top_k`` highest, ties at
     the threshold going to the latest positions (``first_count > top_k``).
 
     Returns the positions ``(B, n, top_k)`` int32, ascending, and when ``keep_for_kl`` the scores
-    ``(B, n, top_k)`` and ReLU terms ``(B, n, J, top_k)`` there. One row at a time: a row's product
-    rows stay in cache from its scores to its terms, and no ``(n, E)`` score matrix is written."""
+    ``(B, n, top_k)`` and ReLU terms ``(B, n, J, top_k)`` there. ``into``: write them instead into
+    rows ``row..row+n`` of these contiguous ``(B, T', ...)`` tensors (a whole sequence's selection,
+    filled chunk by chunk) and return those. ``scratch``: int32 workspace of at least
+    :func:`select_scratch_size` elements, reused across chunks. One row at a time: a row's product
+    rows stay in cache from its scores to its terms, and no ``(n, E)`` score matrix is written;
+    the rows run on PyTorch's OpenMP threads (``torch.get_num_threads()``)."""
     products, weights = products.float().contiguous(), weights.float().contiguous()
     B, J, n, E = products.shape
     assert top_k < first_count and first_count + n - 1 <= E
-    keys = torch.empty(B, n, top_k, dtype=torch.int32)
-    scores = products.new_empty(B, n, top_k) if keep_for_kl else None
-    terms = products.new_empty(B, n, J, top_k) if keep_for_kl else None
-    parts = _ranges(B * n, _threads(B * n), first_cost=first_count, cost_step=1 if B == 1 else 0)
-    scratch = torch.empty(len(parts), 3 * E, dtype=torch.int32)
-    lib = library()
-    _run([functools.partial(lib.select_chunk, products.data_ptr(), weights.data_ptr(), keys.data_ptr(),
-                            None if scores is None else scores.data_ptr(), None if terms is None else terms.data_ptr(),
-                            scratch[i].data_ptr(), n, E, J, first_count, top_k, r0, r1)
-          for i, (r0, r1) in enumerate(parts)])
-    return keys, scores, terms
+    if into is None:
+        into = (torch.empty(B, n, top_k, dtype=torch.int32), products.new_empty(B, n, top_k) if keep_for_kl else None,
+                products.new_empty(B, n, J, top_k) if keep_for_kl else None)
+        row = 0
+    keys, scores, terms = into
+    _check(*(t for t in into if t is not None))
+    assert keys.shape[0] == B and keys.shape[-1] == top_k and row + n <= keys.shape[1]
+    assert (scores is None) == (terms is None) and (scores is not None or not keep_for_kl)
+    threads = _threads(B * n)
+    if scratch is None or scratch.numel() < select_scratch_size(E, threads):
+        scratch = torch.empty(select_scratch_size(E, threads), dtype=torch.int32)
+    library().select_chunk(products.data_ptr(), weights.data_ptr(), keys.data_ptr(),
+                           None if scores is None or not keep_for_kl else scores.data_ptr(),
+                           None if terms is None or not keep_for_kl else terms.data_ptr(),
+                           scratch.data_ptr(), B, n, E, J, first_count, top_k, keys.shape[1], row, threads)
+    return keys, scores if keep_for_kl else None, terms if keep_for_kl else None
+
+
+def select_scratch_size(max_keys: int, threads: int | None = None) -> int:
+    """Elements of :func:`select_chunk`'s int32 workspace for rows of up to ``max_keys`` keys."""
+    return 3 * max_keys * (threads or torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------------- decoding

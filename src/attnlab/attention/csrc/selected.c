@@ -1,9 +1,10 @@
 /* CPU kernels for attention over each query's selected keys (DeepSeek-style sparse attention).
  *
  * Loaded with ctypes by attnlab/attention/_native.py, which compiles this file once per machine and
- * calls every kernel on a range of rows [r0, r1) from one thread per range (ctypes releases the
- * GIL), so the kernels themselves are sequential. Plain C on float32 arrays, no Python or torch
- * headers: it builds in about a second.
+ * calls every kernel but select_chunk on a range of rows [r0, r1) from one thread per range (ctypes
+ * releases the GIL), so those kernels are sequential; select_chunk, called once per block of a few
+ * dozen rows, spreads them over PyTorch's OpenMP threads itself. Plain C on float32 arrays, no
+ * Python or torch headers: it builds in about a second.
  *
  * Layouts (row-major, contiguous). A "row" r is a query token (b, t), r = b * T + t, at position
  * start + t. keys (R, K) int32: the key positions a row attends to; an entry whose key lies after
@@ -13,6 +14,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef int64_t i64;
 
@@ -273,31 +277,44 @@ static void select_row(const float *row, i64 n, i64 k, uint32_t *kept, uint32_t 
         if (kept[i] > threshold || (kept[i] == threshold && skip-- <= 0)) out[written++] = (int32_t)kept_at[i];
 }
 
-/* The lightning indexer's selection for rows r = b * n + t of a query chunk, one row at a time (its
- * heads' product rows stay in cache from the scores to the KL's terms):
+/* The lightning indexer's selection for the rows r = b * n + t of a query chunk, each row while its
+ * heads' product rows are in cache, from the scores to the KL's terms:
  *   I[s] = sum_j w[r, j] ReLU(products[b, j, t, s]) over the row's causal positions s < n0 + t,
- *   keys[r] = the k highest (select_row), and, when out_scores is given, the KL's inputs at them:
- *   out_scores[r, slot] = I[key], out_terms[r, j, slot] = ReLU(products[b, j, t, key]).
- * products (B, J, n, E), w (B, n, J), keys (B, n, k); scratch: 3 * E 32-bit words per thread. */
+ *   its k highest (select_row) into keys, and, when out_scores is given, the KL's inputs there:
+ *   out_scores[o, slot] = I[key], out_terms[o, j, slot] = ReLU(products[b, j, t, key]),
+ * where o = b * out_rows + out_row0 + t is the row's place in outputs of out_rows rows per sequence.
+ * products (B, J, n, E), w (B, n, J), keys (B, out_rows, k); scratch: 3 * E 32-bit words per thread.
+ * The rows run on n_threads threads of the OpenMP team PyTorch uses (the same libgomp): no threads
+ * of its own to start or to compete with PyTorch's spinning ones. */
 void select_chunk(const float *products, const float *w, int32_t *keys, float *out_scores, float *out_terms,
-                  uint32_t *scratch, i64 n, i64 E, i64 J, i64 n0, i64 k, i64 r0, i64 r1) {
-    float *row = (float *)scratch;
-    for (i64 r = r0; r < r1; ++r) {
-        const i64 b = r / n, t = r % n, count = n0 + t;
-        const float *first = products + (b * J * n + t) * E;  /* head j's row: first + j * n * E */
-        for (i64 j = 0; j < J; ++j) {
-            const float *p = first + j * n * E, weight = w[r * J + j];
-            if (j == 0) for (i64 s = 0; s < count; ++s) row[s] = weight * (p[s] > 0.0f ? p[s] : 0.0f);
-            else for (i64 s = 0; s < count; ++s) row[s] += weight * (p[s] > 0.0f ? p[s] : 0.0f);
-        }
-        int32_t *chosen = keys + r * k;
-        select_row(row, count, k, scratch + E, scratch + 2 * E, chosen);
-        if (!out_scores) continue;
-        for (i64 slot = 0; slot < k; ++slot) out_scores[r * k + slot] = row[chosen[slot]];
-        for (i64 j = 0; j < J; ++j) {
-            const float *p = first + j * n * E;
-            float *o = out_terms + (r * J + j) * k;
-            for (i64 slot = 0; slot < k; ++slot) o[slot] = p[chosen[slot]] > 0.0f ? p[chosen[slot]] : 0.0f;
+                  uint32_t *scratch, i64 B, i64 n, i64 E, i64 J, i64 n0, i64 k, i64 out_rows, i64 out_row0,
+                  i64 n_threads) {
+#pragma omp parallel num_threads((int)n_threads)
+    {
+#ifdef _OPENMP
+        uint32_t *own = scratch + 3 * E * omp_get_thread_num();
+#else
+        uint32_t *own = scratch;
+#endif
+        float *row = (float *)own;
+#pragma omp for schedule(dynamic, 1)
+        for (i64 r = 0; r < B * n; ++r) {
+            const i64 b = r / n, t = r % n, count = n0 + t, o = b * out_rows + out_row0 + t;
+            const float *first = products + (b * J * n + t) * E;  /* head j's row: first + j * n * E */
+            for (i64 j = 0; j < J; ++j) {
+                const float *p = first + j * n * E, weight = w[r * J + j];
+                if (j == 0) for (i64 s = 0; s < count; ++s) row[s] = weight * (p[s] > 0.0f ? p[s] : 0.0f);
+                else for (i64 s = 0; s < count; ++s) row[s] += weight * (p[s] > 0.0f ? p[s] : 0.0f);
+            }
+            int32_t *chosen = keys + o * k;
+            select_row(row, count, k, own + E, own + 2 * E, chosen);
+            if (!out_scores) continue;
+            for (i64 slot = 0; slot < k; ++slot) out_scores[o * k + slot] = row[chosen[slot]];
+            for (i64 j = 0; j < J; ++j) {
+                const float *p = first + j * n * E;
+                float *terms = out_terms + (o * J + j) * k;
+                for (i64 slot = 0; slot < k; ++slot) terms[slot] = p[chosen[slot]] > 0.0f ? p[chosen[slot]] : 0.0f;
+            }
         }
     }
 }
