@@ -187,6 +187,51 @@ def test_a_failing_mechanism_is_recorded_and_the_others_go_on(monkeypatch, one_t
     assert identity["train"][0]["error"] is None and identity["train"][0]["tokens_per_s"] > 0
 
 
+def test_rounds_pool_every_timed_call(one_thread):
+    """A later round (``timing_only``) times the steps again and measures nothing else; pooled,
+    every figure is the one of all the rounds' timed calls together (medians, spreads and MFU
+    recomputed by hand here), and round 1's memory, FLOPs, floors and cache stand."""
+    import statistics
+
+    settings = _settings(repeats=3, decode_compile=True, decode_steps=2)
+    args = ("mha", "mha", dict(TINY_MODEL), OptimConfig(), settings, torch.device("cpu"), "32-true", 50.0)
+    first = bench.bench_mechanism(*args)
+    later = bench.bench_mechanism(*args, timing_only=True)
+    assert later["cache"] == [] and later["train"][0]["peak_memory_bytes"] is None
+    assert later["train"][0]["flops_per_step"] is None and later["decode"][0]["step_read_ms"] is None
+    assert len(later["train"][0]["step_seconds"]) == len(later["decode_compiled"][0]["call_seconds"]) == 3
+    samples = {kind: [*first[kind][0][key], *later[kind][0][key]]
+               for kind, key in (("train", "step_seconds"), ("decode", "call_seconds"),
+                                 ("decode_compiled", "call_seconds"))}
+    kept = {k: first["train"][0][k] for k in ("peak_memory_bytes", "flops_per_token")}
+    pooled = bench.pool_rounds(first, later, 50.0)
+
+    train = pooled["train"][0]
+    assert train["step_seconds"] == samples["train"]
+    assert train["step_ms"] == pytest.approx(1e3 * statistics.median(samples["train"]))
+    assert train["tokens_per_s"] == pytest.approx(64 / statistics.median(samples["train"]))
+    assert train["tokens_per_s_min"] == pytest.approx(64 / max(samples["train"]))
+    assert train["mfu"] == pytest.approx(kept["flops_per_token"] * train["tokens_per_s"] / 50e9)
+    assert {k: train[k] for k in kept} == kept
+    for kind in ("decode", "decode_compiled"):
+        entry = pooled[kind][0]
+        assert entry["call_seconds"] == samples[kind]
+        assert entry["ms_per_token"] == pytest.approx(1e3 * statistics.median(samples[kind]) / 2)
+        assert entry["x_step_read"] == pytest.approx(entry["ms_per_token"] / entry["step_read_ms"])
+    assert pooled["decode_compiled"][0]["recompiles"] == 0 and pooled["cache"][0]["matches_closed_form"]
+
+
+@pytest.mark.slow
+def test_rounds_run_round_after_round_over_the_mechanisms(tmp_path):
+    result = run_bench(["bench.attention=[mha,mqa]", "bench.rounds=2", "bench.lengths=[64]",
+                        "bench.decode_lengths=[64]", "bench.plots=false"], tmp_path)
+    assert result["status"] == "completed" and result["settings"]["rounds"] == 2
+    for label, m in result["mechanisms"].items():
+        assert len(m["train"][0]["step_seconds"]) == len(m["decode"][0]["call_seconds"]) == 2 * 2, label
+        assert m["train"][0]["peak_memory_bytes"] > 0 and m["cache"][0]["matches_closed_form"]
+    assert "2 round(s) x 2 after 1 untimed" in (tmp_path / "run" / "bench.md").read_text()
+
+
 def test_lengths_beyond_max_seq_len(one_thread):
     """Rotary models get a longer max_seq_len; learned positions stop at their table."""
     settings = _settings(lengths=[32, 96], decode_lengths=[96])
@@ -239,7 +284,7 @@ def test_quick_config_applies_and_command_line_overrides_win():
 
 @pytest.mark.parametrize("field, value", [
     ("lengths", []), ("lengths", [0, 64]), ("decode_lengths", [-1]), ("attention", []), ("warmup", 0),
-    ("repeats", 0), ("batch_size", 0), ("threads", 0), ("device", "tpu"), ("precision", "fp8"),
+    ("repeats", 0), ("rounds", 0), ("batch_size", 0), ("threads", 0), ("device", "tpu"), ("precision", "fp8"),
     ("reference_dropouts", [1.5]),
 ])
 def test_bad_settings_name_the_field(field, value):

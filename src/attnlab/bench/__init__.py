@@ -19,7 +19,11 @@ Trainer, chunked loss) with a bare PyTorch loop over the same model (plain cross
 How things are measured:
 
 * Timing: ``warmup`` untimed calls, then ``repeats`` timed ones (CUDA synchronised); the median is
-  reported with min/max and the interquartile range.
+  reported with min/max and the interquartile range. ``bench.rounds=R`` times every mechanism R
+  times, round after round over all of them, and pools the timed calls
+  (:func:`~attnlab.bench.mechanisms.pool_rounds`): on a shared host whose speed drifts, the
+  ratios between mechanisms then hold where one pass, mechanism after mechanism, would give the
+  slow minutes to whichever ran in them.
 * Peak memory runs in a separate, untimed step. CUDA: ``torch.cuda.max_memory_allocated`` after
   ``reset_peak_memory_stats``. CPU has no allocator statistic, so the peak of live tensor bytes
   (parameters, gradients, optimizer states and every intermediate) is tracked op by op
@@ -49,7 +53,7 @@ from attnlab.bench.decoding import (
     measure_decode,
     measure_lm_head,
 )
-from attnlab.bench.mechanisms import MECHANISM_FIELDS, bench_mechanism, mechanisms_to_run
+from attnlab.bench.mechanisms import MECHANISM_FIELDS, bench_mechanism, mechanisms_to_run, pool_rounds
 from attnlab.bench.plots import write_plots
 from attnlab.bench.reference import REFERENCE_FIELDS, run_reference
 from attnlab.bench.runner import run
@@ -61,6 +65,6 @@ __all__ = [
     "BENCH_PRECISIONS", "CACHE_FIELDS", "COMPILED_DECODE_FIELDS", "DECODE_FIELDS", "GPT2_VOCAB_SIZE", "LM_HEAD_FIELDS",
     "MECHANISM_FIELDS", "REFERENCE_FIELDS", "TRAIN_FIELDS", "BenchSettings", "bench_mechanism",
     "bench_model_config", "load_settings", "machine_table", "measure_cache", "measure_decode", "measure_lm_head",
-    "measure_training", "mechanism_tables", "mechanisms_to_run", "reference_tables", "run", "run_reference",
+    "measure_training", "mechanism_tables", "mechanisms_to_run", "pool_rounds", "reference_tables", "run", "run_reference",
     "write_markdown", "write_plots",
 ]

@@ -19,13 +19,24 @@ from attnlab.model import GPT, ModelCache
 from attnlab.profiling import summarize, synchronize, time_calls
 
 DECODE_FIELDS = ("context_len", "batch_size", "steps", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
-                 "ms_per_token", "step_bytes", "step_read_ms", "x_step_read", "error")
+                 "ms_per_token", "call_seconds", "step_bytes", "step_read_ms", "x_step_read", "error")
 #: Compiled decoding adds: seconds of the first (compiling) step, graphs compiled for it and
 #: graphs compiled afterwards (0: every later position ran the same graph).
 COMPILED_DECODE_FIELDS = (*DECODE_FIELDS, "compile_s", "graphs_compiled", "recompiles")
 LM_HEAD_FIELDS = ("vocab_size", "d_model", "bytes", "read_ms", "read_ms_min", "read_ms_max", "read_gb_per_s",
                   "cold_read_ms", "cold_read_ms_min", "cold_read_ms_max", "cold_read_gb_per_s",
                   "matvec_ms", "matvec_ms_min", "matvec_ms_max", "error")
+
+
+def set_decode_timing(entry: dict[str, Any], seconds: list[float]) -> None:
+    """The timing fields of a decoding ``entry`` from the seconds of its timed calls of ``steps``
+    tokens per sequence (all kept in ``call_seconds``, so that rounds can be pooled), and its
+    ratio to the floor when that is known."""
+    stats = summarize(seconds)
+    entry.update(throughput(entry["steps"] * entry["batch_size"], stats),
+                 ms_per_token=1e3 * stats["median"] / entry["steps"], call_seconds=list(seconds))
+    if entry.get("step_read_ms"):
+        entry["x_step_read"] = entry["ms_per_token"] / entry["step_read_ms"]
 
 
 def step_bytes(model: GPT, batch_size: int, context_len: int) -> int:
@@ -55,7 +66,8 @@ def prefill(model: GPT, cache: ModelCache, batch_size: int, length: int, device:
 
 @torch.no_grad()
 def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device: torch.device,
-                   precision: str, compiled: bool = False, static_step: bool = False) -> dict[str, Any]:
+                   precision: str, compiled: bool = False, static_step: bool = False,
+                   timing_only: bool = False) -> dict[str, Any]:
     """Tokens/s of single-token greedy steps with the cache after a prefill of ``context_len``.
 
     Each timed call decodes ``decode_steps`` tokens (so the context grows by up to
@@ -64,7 +76,8 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
     from zero and gets the whole recompile limit); its first call, which compiles, is timed
     separately, then ``decode_steps`` steps with dynamo's guards checked count the recompiles,
     and the timed steps trust the guards as :meth:`GPT.stream` does. ``compiled``: the model
-    itself was compiled for training, so the prefill and the eager steps run it eagerly."""
+    itself was compiled for training, so the prefill and the eager steps run it eagerly.
+    ``timing_only``: without the floor (a later round of the benchmark)."""
     steps, batch_size = settings.decode_steps, settings.decode_batch_size
     entry = dict.fromkeys(COMPILED_DECODE_FIELDS if static_step else DECODE_FIELDS)
     entry.update(context_len=context_len, batch_size=batch_size, steps=steps)
@@ -103,12 +116,10 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
 
         with stance:
             seconds = time_calls(decode_steps, settings.warmup, settings.repeats, device)
-    stats = summarize(seconds)
-    entry.update(throughput(steps * batch_size, stats), ms_per_token=1e3 * stats["median"] / steps)
-    # the floor of a step: reading its bytes once, timed on this machine now
-    entry["step_bytes"] = step_bytes(model, batch_size, context_len)
-    entry["step_read_ms"] = streaming_read_ms(entry["step_bytes"], device)
-    entry["x_step_read"] = entry["ms_per_token"] / entry["step_read_ms"]
+    if not timing_only:  # the floor of a step: reading its bytes once, timed on this machine now
+        entry["step_bytes"] = step_bytes(model, batch_size, context_len)
+        entry["step_read_ms"] = streaming_read_ms(entry["step_bytes"], device)
+    set_decode_timing(entry, seconds)
     return entry
 
 

@@ -15,7 +15,7 @@ import torch
 
 from attnlab.bench.decoding import LM_HEAD_FIELDS, measure_lm_head
 from attnlab.bench.harness import attempt
-from attnlab.bench.mechanisms import bench_mechanism, measurements_per_mechanism, mechanisms_to_run
+from attnlab.bench.mechanisms import bench_mechanism, measurements_per_mechanism, mechanisms_to_run, pool_rounds
 from attnlab.bench.plots import write_plots
 from attnlab.bench.reference import reference_run_count, run_reference
 from attnlab.bench.settings import load_settings, pick_device
@@ -74,7 +74,8 @@ def run(cfg: Any) -> dict[str, Any]:
     mechanisms = {} if settings.reference else mechanisms_to_run(settings, model_values, attention,
                                                                   _hydra_choice("attention"))
     total = (reference_run_count(settings) if settings.reference
-             else measurements_per_mechanism(settings) * len(mechanisms))
+             else (measurements_per_mechanism(settings) + (settings.rounds - 1)
+                   * measurements_per_mechanism(settings, timing_only=True)) * len(mechanisms))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         task = progress.add_task("benchmark", total=total)
@@ -91,10 +92,15 @@ def run(cfg: Any) -> dict[str, Any]:
         elif mechanisms:
             result["lm_head"] = attempt(LM_HEAD_FIELDS, {}, device, partial(measure_lm_head, model_values, settings,
                                                                             device))
-        for label, attention in mechanisms.items():
-            result["mechanisms"][label] = bench_mechanism(label, attention, model_values, optim, settings, device,
-                                                          precision, peak, advance)
-            write_json(out_dir / "bench.json", result)  # partial results survive an interruption
+        for round_index in range(settings.rounds):  # round by round over every mechanism (bench.rounds)
+            for label, attention in mechanisms.items():
+                later = round_index > 0
+                where = f"round {round_index + 1}/{settings.rounds}, {label}" if settings.rounds > 1 else label
+                measured = bench_mechanism(label, attention, model_values, optim, settings, device, precision,
+                                           peak, lambda what: advance(what.replace(label, where, 1)), later)
+                mechanisms_done = result["mechanisms"]
+                mechanisms_done[label] = pool_rounds(mechanisms_done[label], measured, peak) if later else measured
+                write_json(out_dir / "bench.json", result)  # partial results survive an interruption
         progress.update(task, completed=total, description="done")
 
     result["status"] = "completed"

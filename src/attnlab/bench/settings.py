@@ -35,6 +35,7 @@ class BenchSettings:
     warmup: int = 2
     compile_warmup: int = 3
     repeats: int = 5
+    rounds: int = 1
     device: str | None = None
     precision: str | None = None
     compile: bool = False
@@ -60,7 +61,7 @@ class BenchSettings:
             require(len(self.attention) > 0 and all(isinstance(a, str) for a in self.attention), f"{p}.attention",
                     self.attention, "null (every registered mechanism) or a non-empty list of preset names")
         for name in ("tokens_per_step", "decode_steps", "decode_batch_size", "warmup", "compile_warmup", "repeats",
-                     "matmul_repeats", "reference_batch_size", "reference_seq_len"):
+                     "rounds", "matmul_repeats", "reference_batch_size", "reference_seq_len"):
             value = getattr(self, name)
             require(value >= 1, f"{p}.{name}", value, "an integer >= 1")
         for name in ("batch_size", "threads", "matmul_size"):

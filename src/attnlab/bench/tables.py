@@ -152,7 +152,9 @@ def machine_table(machine: dict[str, Any], settings: dict[str, Any]) -> Table:
             ["precision", settings["precision"]],
             ["fp32 matmul peak", f"{_num(peaks.get('float32'), 1)} GFLOP/s ({machine['float32_matmul_precision']})"],
             ["bf16 matmul peak", f"{_num(peaks.get('bfloat16'), 1)} GFLOP/s"],
-            ["matmul size", str(machine["matmul_size"])]]
+            ["matmul size", str(machine["matmul_size"])],
+            ["timed calls", f"{settings.get('rounds', 1)} round(s) x {settings['repeats']} after {settings['warmup']} "
+                            "untimed"]]
     return ("Machine", ["", ""], rows)
 
 
@@ -167,6 +169,8 @@ NOTES = """\
 ## Notes
 
 - Timing: `warmup` untimed calls, then `repeats` timed ones; median with (min-max) over repeats.
+  With `rounds` > 1 every mechanism is timed once per round, round after round over all of them,
+  and the figures pool the `rounds x repeats` timed calls (memory, FLOPs and cache from round 1).
 - Peak memory runs in a separate, untimed step: `torch.cuda.max_memory_allocated` on CUDA; on CPU
   the peak of live tensor bytes (parameters, gradients, AdamW states and every intermediate),
   tracked op by op. Kernel-internal scratch buffers are not visible to that tracker.

@@ -15,15 +15,26 @@ from attnlab.recipe import training_loss
 
 #: Keys of every training entry in ``bench.json`` (present with ``None`` values when a measurement failed).
 TRAIN_FIELDS = ("seq_len", "batch_size", "tokens_per_step", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
-                "step_ms", "step_ms_iqr", "peak_memory_bytes", "peak_memory_method", "peak_memory_op",
+                "step_ms", "step_ms_iqr", "step_seconds", "peak_memory_bytes", "peak_memory_method", "peak_memory_op",
                 "flops_per_step", "flops_per_token", "flops_by_op", "mfu", "error")
+
+
+def set_step_timing(entry: dict[str, Any], seconds: list[float], peak_gflops: float | None = None) -> None:
+    """The timing fields of a training ``entry`` from the seconds of its timed steps (all of them
+    kept in ``step_seconds``, so that rounds can be pooled); MFU when the FLOPs are known."""
+    stats = summarize(seconds)
+    entry.update(throughput(entry["tokens_per_step"], stats), step_ms=1e3 * stats["median"],
+                 step_ms_iqr=1e3 * stats["iqr"], step_seconds=list(seconds))
+    if entry.get("flops_per_step") and peak_gflops:
+        entry["mfu"] = entry["flops_per_token"] * entry["tokens_per_s"] / (peak_gflops * 1e9)
 
 
 def measure_training(model: GPT, optimizer: torch.optim.Optimizer, grad_clip: float | None, seq_len: int,
                      batch_size: int, settings: BenchSettings, device: torch.device, precision: str, compiled: bool,
-                     peak_gflops: float | None) -> dict[str, Any]:
+                     peak_gflops: float | None, timing_only: bool = False) -> dict[str, Any]:
     """Tokens/s of full training steps as train.py takes them (the loss with the aux losses,
-    gradient clipping at ``grad_clip``, the run's AdamW), then (untimed) their peak memory and FLOPs."""
+    gradient clipping at ``grad_clip``, the run's AdamW), then (untimed, unless ``timing_only``)
+    their peak memory and FLOPs."""
     entry = dict.fromkeys(TRAIN_FIELDS)
     entry.update(seq_len=seq_len, batch_size=batch_size, tokens_per_step=seq_len * batch_size)
     model.train()
@@ -39,11 +50,10 @@ def measure_training(model: GPT, optimizer: torch.optim.Optimizer, grad_clip: fl
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
 
-    seconds = time_calls(step, warmup_steps(settings, compiled), settings.repeats, device)
-    time_stats = summarize(seconds)
+    set_step_timing(entry, time_calls(step, warmup_steps(settings, compiled), settings.repeats, device))
+    if timing_only:
+        return entry
     tokens = seq_len * batch_size
-    entry.update(throughput(tokens, time_stats), step_ms=1e3 * time_stats["median"],
-                 step_ms_iqr=1e3 * time_stats["iqr"])
 
     # the timing stands even if one of the untimed passes fails; the entry records why
     errors = []
@@ -61,8 +71,7 @@ def measure_training(model: GPT, optimizer: torch.optim.Optimizer, grad_clip: fl
         with eager(compiled):
             flops, by_op = count_flops(step)
         entry.update(flops_per_step=flops, flops_per_token=flops / tokens, flops_by_op=by_op)
-        if peak_gflops:
-            entry["mfu"] = flops * entry["tokens_per_s"] / tokens / (peak_gflops * 1e9)
+        set_step_timing(entry, entry["step_seconds"], peak_gflops)  # now with MFU
     except Exception as exc:
         errors.append(f"flops: {describe_error(exc)}")
     entry["error"] = "; ".join(errors) or None
