@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -181,6 +182,68 @@ def test_steps_with_trusted_guards_equal_checked_steps():
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(torch.stack(logits, 1), torch.stack(reference, 1), atol=0, rtol=0)
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 3:], atol=2e-5, rtol=1e-4)
+
+
+def test_cpu_steps_run_precompiled_checking_guards_unless_trusted(monkeypatch):
+    """On CPU, step(compile=True) runs the step compiled ahead of time: checked steps ask its
+    guards, trusted ones do not; where they fail (here: told so) the step is compiled again; the
+    logits are those of the eager static step; the model is not kept alive by it."""
+    import gc
+    import weakref
+
+    from attnlab import model as model_module
+
+    model = GPT.from_config(TINY_MODEL, "gqa_2").eval()
+    idx = torch.randint(0, 97, (1, 12))
+    compiled_cache, eager_cache = model.init_cache(1, 12), model.init_cache(1, 12)
+    checks = []
+    with torch.no_grad():
+        for cache in (compiled_cache, eager_cache):
+            model(idx[:, :4], cache=cache)
+        first = model.step(idx[:, 4:5], compiled_cache, compile=True)
+        precompiled = model_module._PRECOMPILED_STEPS[model]
+        assert type(precompiled).__name__ == "AOTCompiledFunction"
+        monkeypatch.setattr(precompiled, "guard_check",
+                            lambda *a, check=precompiled.guard_check: checks.append(1) or check(*a))
+        logits = [first] + [model.step(idx[:, t:t + 1], compiled_cache, compile=True, trust_guards=t % 2 == 0)
+                            for t in range(5, 12)]
+        assert len(checks) == 4  # positions 5, 7, 9, 11: checked; 6, 8, 10: trusted
+        eager = [model.step(idx[:, t:t + 1], eager_cache) for t in range(4, 12)]
+        torch.testing.assert_close(torch.stack(logits), torch.stack(eager), atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(precompiled, "guard_check", lambda *a: False)
+        again = [model.init_cache(1, 12) for _ in range(2)]
+        for cache in again:
+            model(idx[:, :4], cache=cache)
+        recompiled = model.step(idx[:, 4:5], again[0], compile=True)
+        torch.testing.assert_close(recompiled, model.step(idx[:, 4:5], again[1]), atol=1e-5, rtol=1e-5)
+    assert model_module._PRECOMPILED_STEPS[model] is not precompiled
+    alive = weakref.ref(model)
+    monkeypatch.undo()
+    del model, precompiled
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_step_that_cannot_be_precompiled_runs_through_dynamo(monkeypatch, caplog):
+    from attnlab import model as model_module
+
+    compiled = model_module.compiled_static_step("cpu")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no precompiling here")
+
+    monkeypatch.setattr(compiled, "aot_compile", refuse)
+    model = GPT.from_config(TINY_MODEL, "mha").eval()
+    idx = torch.randint(0, 97, (1, 8))
+    caches = model.init_cache(1, 8), model.init_cache(1, 8)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="attnlab.model"):
+        for cache in caches:
+            model(idx[:, :4], cache=cache)
+        steps = [model.step(idx[:, t:t + 1], caches[0], compile=True, trust_guards=t > 4) for t in range(4, 8)]
+        eager = [model.step(idx[:, t:t + 1], caches[1]) for t in range(4, 8)]
+    assert caplog.text.count("could not be compiled ahead of time") == 1  # tried once per model
+    assert model_module._PRECOMPILED_STEPS[model] is None
+    torch.testing.assert_close(torch.stack(steps), torch.stack(eager), atol=1e-5, rtol=1e-5)
 
 
 def test_step_checks_the_cache_and_position_limits():
