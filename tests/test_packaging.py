@@ -119,9 +119,8 @@ def test_installed_wheel_from_another_directory(tmp_path):
     files = zipfile.ZipFile(wheel).namelist()
     configs = sorted(f"attnlab/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml"))
     assert sorted(f for f in files if f.startswith("attnlab/conf/")) == configs
-    # the C sources built on first use: the sparse mechanism's CPU kernels, the decoding kernel and its
-    # operator, and the vector helpers both include
-    for name in ("selected.c", "decode.c", "decode_op.cpp", "vec.h"):
+    # the C sources built on first use: the sparse mechanism's CPU kernels, the decoding kernel and its operator
+    for name in ("selected.c", "decode.c", "decode_op.cpp"):
         assert f"attnlab/attention/csrc/{name}" in files
     assert sorted(zipfile.ZipFile(_wheel_from_sdist(source, tmp_path)).namelist()) == sorted(files)
     entry_points = zipfile.ZipFile(wheel).read(next(f for f in files if f.endswith("entry_points.txt"))).decode()

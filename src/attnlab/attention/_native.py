@@ -49,8 +49,6 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "selected.c"
-#: Included by both libraries' sources (part of both cache keys).
-HEADERS = [Path(__file__).with_name("csrc") / "vec.h"]
 #: ``-fassociative-math`` (with the flags it needs) lets the dot products vectorise; infinities,
 #: which mark excluded positions, keep their meaning (no ``-ffast-math``).
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fassociative-math", "-fno-signed-zeros",
@@ -117,8 +115,7 @@ def _build(source: Path, flags: list[str], compiler: str) -> Path:
         _shell([compiler, *flags, str(source), "-o", str(scratch / "library.so")])
         return scratch / "library.so"
 
-    texts = [source.read_text(), *(header.read_text() for header in HEADERS)]
-    return _cached_library(source.stem, [*texts, " ".join(flags), _shell([compiler, "--version"])], build)
+    return _cached_library(source.stem, [source.read_text(), " ".join(flags), _shell([compiler, "--version"])], build)
 
 
 def _load(source: Path, flags: list[str], signatures: dict, restype, fallback: str) -> ctypes.CDLL | None:
@@ -345,8 +342,8 @@ def _build_decode(c_compiler: str, cxx_compiler: str) -> Path:
         _shell([cxx_compiler, *cxx_flags, str(DECODE_SOURCES[1]), str(kernel), *link, "-o", str(library)])
         return library
 
-    key_parts = [*(source.read_text() for source in [*DECODE_SOURCES, *HEADERS]), " ".join(c_flags + cxx_flags),
-                 *versions, torch.__version__]
+    key_parts = [*(source.read_text() for source in DECODE_SOURCES), " ".join(c_flags + cxx_flags), *versions,
+                 torch.__version__]
     return _cached_library("decode", key_parts, build)
 
 
