@@ -89,6 +89,33 @@ def test_traced_by_torch_compile():
     assert counter.frame_count == 1
 
 
+def test_compiled_cpp_wrapper_calls_the_c_shims_directly():
+    """With ``decode_c_shims()`` inductor's C++ wrapper calls the operators' C functions (global
+    symbols of the loaded library), not the boxed dispatcher, with the same results: a product
+    with and without its added term, and the attention."""
+    import ctypes
+
+    from torch._inductor.utils import run_and_get_code
+
+    def step(x, weight, add, q, k, v, position):
+        return (torch.ops.attnlab.decode_linear(x, weight, None), torch.ops.attnlab.decode_linear(x, weight, add),
+                _native.decode_attention(q, k, v, position, 0.25))
+
+    assert hasattr(ctypes.CDLL(None), "aoti_torch_cpu_decode_linear")
+    compiled = torch.compile(step, fullgraph=True,
+                             options={"cpp_wrapper": True, "aot_inductor.custom_ops_to_c_shims": _native.decode_c_shims()})
+    x, weight, add = torch.randn(2, 8), torch.randn(16, 8), torch.randn(2, 16)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 8)
+    (plain, added, attended), code = run_and_get_code(compiled, x, weight, add, q, k, v, torch.tensor(17))
+    source = "\n".join(code)
+    assert "aoti_torch_cpu_decode_linear(" in source and "aoti_torch_cpu_decode_attention(" in source
+    assert "aoti_torch_call_dispatcher" not in source
+    want = x.double() @ weight.double().T
+    torch.testing.assert_close(plain.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(added.double(), want + add.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attended.double(), naive_decode(q, k, v, 17, 0.25), atol=2e-6, rtol=2e-5)
+
+
 def test_static_attention_takes_the_kernel_only_where_it_applies():
     q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32)
     with torch.no_grad():

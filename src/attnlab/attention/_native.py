@@ -18,7 +18,9 @@ tens of microseconds per call, and its threads competed for the cores with OpenM
 **The static decoding step's attention** (``csrc/decode.c`` and ``csrc/decode_op.cpp``): one
 token's queries over a pre-allocated cache, split over the keys (see the C file), registered as
 the operator ``attnlab::decode_attention`` (C++, against PyTorch's headers, ``$CXX`` else ``c++``)
-so that a ``torch.compile``'d step calls it from inside its graph: :func:`decode_attention`.
+so that a ``torch.compile``'d step calls it from inside its graph: :func:`decode_attention`; the
+same file exports both operators as AOTInductor C shims (:func:`decode_c_shims`), which the
+compiled step's C++ wrapper calls directly.
 
 Libraries are cached per source, compiler and CPU (and PyTorch version for the operator) under
 ``$XDG_CACHE_HOME/attnlab/native``, written atomically, so concurrent processes may race safely.
@@ -355,7 +357,10 @@ def decode_available() -> bool:
     if (compilers := _compilers({"CC": "cc", "CXX": "c++"}, fallback)) is None:
         return False
     try:
-        torch.ops.load_library(_build_decode(*compilers))
+        library_path = _build_decode(*compilers)
+        # global symbols: the compiled steps' C++ wrappers link to its C shims (DECODE_C_SHIMS) at load time
+        ctypes.CDLL(str(library_path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        torch.ops.load_library(library_path)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         log.warning("building the decode kernel failed, %s: %s", fallback, detail)
@@ -375,6 +380,20 @@ def _register_decode_shape() -> None:
     @torch.library.register_fake("attnlab::decode_linear")
     def _linear_shape(x: Tensor, weight: Tensor, add: Tensor | None) -> Tensor:
         return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def decode_c_shims() -> dict:
+    """``torch._inductor.config.aot_inductor.custom_ops_to_c_shims`` for the decoding operators:
+    inductor's C++ wrapper then calls ``decode_op.cpp``'s C functions directly rather than through
+    the boxed dispatcher (call :func:`decode_available` first)."""
+    return {
+        torch.ops.attnlab.decode_linear.default: [
+            "AOTITorchError aoti_torch_cpu_decode_linear(AtenTensorHandle x, AtenTensorHandle weight, "
+            "AtenTensorHandle* add, AtenTensorHandle* ret0)"],
+        torch.ops.attnlab.decode_attention.default: [
+            "AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
+            "AtenTensorHandle v, AtenTensorHandle position, double scale, AtenTensorHandle* ret0)"],
+    }
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, position: Tensor, scale: float) -> Tensor:

@@ -5,6 +5,7 @@
 // through without specialising.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 extern "C" int decode_attention(const float *q, const float *k, const float *v, float *out, const int64_t *position,
@@ -59,6 +60,32 @@ at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const 
 }
 
 }  // namespace
+
+// The same operators as AOTInductor C shims: a compiled step whose C++ wrapper is told of them
+// (torch._inductor.config.aot_inductor.custom_ops_to_c_shims, see _native.DECODE_C_SHIMS) calls
+// these directly instead of through the boxed dispatcher (IValue stacks and casts at every call).
+// Their names and argument conventions are inductor's: aoti_torch_<device>_<op>, Tensor? as a
+// pointer to a handle (nullptr for None), float as double, the result through *ret0.
+extern "C" AOTITorchError aoti_torch_cpu_decode_linear(AtenTensorHandle x, AtenTensorHandle weight,
+                                                       AtenTensorHandle *add, AtenTensorHandle *ret0) {
+    using namespace torch::aot_inductor;
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+        *ret0 = new_tensor_handle(decode_linear_cpu(*tensor_handle_to_tensor_pointer(x),
+                                                    *tensor_handle_to_tensor_pointer(weight),
+                                                    pointer_to_optional<at::Tensor>(add)));
+    });
+}
+
+extern "C" AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                                          AtenTensorHandle position, double scale,
+                                                          AtenTensorHandle *ret0) {
+    using namespace torch::aot_inductor;
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+        *ret0 = new_tensor_handle(decode_attention_cpu(
+            *tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(k),
+            *tensor_handle_to_tensor_pointer(v), *tensor_handle_to_tensor_pointer(position), scale));
+    });
+}
 
 TORCH_LIBRARY_FRAGMENT(attnlab, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor");
