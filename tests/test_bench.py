@@ -329,6 +329,13 @@ def test_compiled_decoding_is_measured_beside_eager_decoding(one_thread):
     assert entry["error"].startswith("no static decoding step: layer 0 (moas): routed top_k=1")
     assert entry["tokens_per_s"] is None and routed["decode"][0]["error"] is None
 
+    # a rolling window's cache has one shape at every context: each context still compiles its
+    # own step, counted from zero (the precompiled step of the first one is forgotten)
+    window = bench.bench_mechanism("sliding", {"name": "sliding", "window": 4}, dict(TINY_MODEL), OptimConfig(),
+                                   _settings(decode_lengths=[8, 16], decode_steps=2, decode_compile=True),
+                                   torch.device("cpu"), "32-true", None)
+    assert [(e["graphs_compiled"], e["recompiles"]) for e in window["decode_compiled"]] == [(1, 0), (1, 0)]
+
     lm_head = bench.measure_lm_head(dict(TINY_MODEL), settings, torch.device("cpu"), repeats=3, flush_bytes=2**20)
     assert set(lm_head) == set(bench.LM_HEAD_FIELDS) and lm_head["bytes"] == 97 * 64 * 4
     assert min(lm_head["read_ms"], lm_head["cold_read_ms"], lm_head["matvec_ms"]) > 0

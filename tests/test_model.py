@@ -217,6 +217,8 @@ def test_cpu_steps_run_precompiled_checking_guards_unless_trusted(monkeypatch):
         recompiled = model.step(idx[:, 4:5], again[0], compile=True)
         torch.testing.assert_close(recompiled, model.step(idx[:, 4:5], again[1]), atol=1e-5, rtol=1e-5)
     assert model_module._PRECOMPILED_STEPS[model] is not precompiled
+    model.forget_compiled_step()
+    assert model not in model_module._PRECOMPILED_STEPS
     alive = weakref.ref(model)
     monkeypatch.undo()
     del model, precompiled

@@ -270,6 +270,12 @@ class GPT(nn.Module):
         cache.advance(1)
         return logits
 
+    def forget_compiled_step(self) -> None:
+        """Drop this model's precompiled CPU step, so that the next compiled :meth:`step` compiles
+        (or finds in inductor's caches) a new one: what ``torch._dynamo.reset()`` does to the
+        steps that run through dynamo."""
+        _PRECOMPILED_STEPS.pop(self, None)
+
     def _precompiled_step(self, token: Tensor, cache: ModelCache, trusted: bool):
         """This model's CPU step compiled ahead of time (:func:`precompile_static_step`), its guards
         checked against ``token`` and ``cache`` unless ``trusted``, compiled again where they fail;

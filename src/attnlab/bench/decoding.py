@@ -72,8 +72,9 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
 
     Each timed call decodes ``decode_steps`` tokens (so the context grows by up to
     ``(warmup + repeats) * decode_steps`` during the measurement). ``static_step``: the steps run
-    ``GPT.step(compile=True)`` after a fresh ``torch._dynamo.reset()`` (every mechanism is counted
-    from zero and gets the whole recompile limit); its first call, which compiles, is timed
+    ``GPT.step(compile=True)`` after a fresh ``torch._dynamo.reset()`` and
+    :meth:`~attnlab.model.GPT.forget_compiled_step` (every mechanism and context is counted from
+    zero and gets the whole recompile limit); its first call, which compiles, is timed
     separately, then ``decode_steps`` steps with dynamo's guards checked count the recompiles,
     and the timed steps trust the guards as :meth:`GPT.stream` does. ``compiled``: the model
     itself was compiled for training, so the prefill and the eager steps run it eagerly.
@@ -93,6 +94,7 @@ def measure_decode(model: GPT, context_len: int, settings: BenchSettings, device
             step = partial(model.step, cache=cache, compile=True)
             stance: contextlib.AbstractContextManager = contextlib.nullcontext()
             torch._dynamo.reset()
+            model.forget_compiled_step()  # a precompiled CPU step of an earlier context is compiled again too
             before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             start = time.perf_counter()
             token = step(token).argmax(dim=-1, keepdim=True)
