@@ -55,14 +55,14 @@ query's ``top_k`` keys; the main heads attend over those keys only, through kern
 the others (on CPU the C kernels of :mod:`~attnlab.attention._native`, or PyTorch's CSR
 SDDMM/SpMM without a C compiler, both keeping the ``(T, H, top_k)`` probabilities for the
 backward pass; gathered SDPA on CUDA, recomputed per chunk under checkpointing). Memory is
-``O(T * top_k)`` plus one chunk. On one CPU thread (exp10 model, vocabulary 256, batch 1;
-``scripts/bench.py ... bench.threads=1``, three runs on a shared machine), ``sparse_256`` trains
-at 0.30-0.41x ``mha``'s tokens/s at T=1024 and 0.37-0.42x at T=4096 with 1.44x its peak memory;
-its step time grows about as fast as ``mha``'s from T=1024 to 4096 (5.5-6.0x against 5.3-6.9x). Per layer at T=4096 the indexer's scoring and top-k take about 270 ms, the
-attention forward and backward 210 ms and the KL 115 ms, against 160 ms for dense SDPA's forward
-and backward: the indexer scores ``T^2 / 2`` pairs at width ``index_n_heads * index_head_dim``
-(256, twice the exp10 model's query-key width) and the CPU's ``topk`` reads every score, so on
-CPU the indexer alone costs more than dense attention at this size.
+``O(T * top_k)`` plus one chunk. On two CPU threads with the C kernels (exp10 model, vocabulary
+256, batch 1; ``scripts/bench.py ... bench.rounds=4``, three runs, see the README), ``sparse_256``
+trains at 0.58-0.65x ``mha``'s tokens/s at T=4096 with 1.32x its peak memory, its step time growing
+3.6-4.0x from T=1024 to 4096 against ``mha``'s 5.3-6.0x. Per layer at T=4096 the indexer's scoring
+and top-k take about 55-75 ms (its products about 30), the attention forward and backward about 90
+and the KL 40-50, against 115-150 ms for dense SDPA's forward and backward: the indexer scores
+``T^2 / 2`` pairs at width ``index_n_heads * index_head_dim`` (256, twice the exp10 model's
+query-key width), so on CPU the indexer alone costs about half of dense attention at this size.
 
 Decoding caches keys and values like MHA/GQA plus one rotated indexer key per token:
 ``2 * H_kv * head_dim + index_head_dim`` values per token and layer. Each new token scores every
