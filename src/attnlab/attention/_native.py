@@ -358,7 +358,7 @@ def decode_available() -> bool:
         return False
     try:
         library_path = _build_decode(*compilers)
-        # global symbols: the compiled steps' C++ wrappers link to its C shims (DECODE_C_SHIMS) at load time
+        # global symbols: the compiled steps' C++ wrappers link to its C shims (decode_c_shims) at load time
         ctypes.CDLL(str(library_path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
         torch.ops.load_library(library_path)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:

@@ -62,7 +62,7 @@ at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const 
 }  // namespace
 
 // The same operators as AOTInductor C shims: a compiled step whose C++ wrapper is told of them
-// (torch._inductor.config.aot_inductor.custom_ops_to_c_shims, see _native.DECODE_C_SHIMS) calls
+// (torch._inductor.config.aot_inductor.custom_ops_to_c_shims, see _native.decode_c_shims) calls
 // these directly instead of through the boxed dispatcher (IValue stacks and casts at every call).
 // Their names and argument conventions are inductor's: aoti_torch_<device>_<op>, Tensor? as a
 // pointer to a handle (nullptr for None), float as double, the result through *ret0.
