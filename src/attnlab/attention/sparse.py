@@ -56,9 +56,9 @@ the others (on CPU the C kernels of :mod:`~attnlab.attention._native`, or PyTorc
 SDDMM/SpMM without a C compiler, both keeping the ``(T, H, top_k)`` probabilities for the
 backward pass; gathered SDPA on CUDA, recomputed per chunk under checkpointing). Memory is
 ``O(T * top_k)`` plus one chunk. On two CPU threads with the C kernels (exp10 model, vocabulary
-256, batch 1; ``scripts/bench.py ... bench.rounds=4``, three runs, see the README), ``sparse_256``
+256, batch 1; ``scripts/bench.py ... bench.rounds=4``, four runs, see the README), ``sparse_256``
 trains at 0.58-0.65x ``mha``'s tokens/s at T=4096 with 1.32x its peak memory, its step time growing
-3.6-4.0x from T=1024 to 4096 against ``mha``'s 5.3-6.0x. Per layer at T=4096 the indexer's scoring
+3.5-4.0x from T=1024 to 4096 against ``mha``'s 5.3-6.0x. Per layer at T=4096 the indexer's scoring
 and top-k take about 55-75 ms (its products about 30), the attention forward and backward about 90
 and the KL 40-50, against 115-150 ms for dense SDPA's forward and backward: the indexer scores
 ``T^2 / 2`` pairs at width ``index_n_heads * index_head_dim`` (256, twice the exp10 model's
