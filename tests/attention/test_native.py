@@ -5,6 +5,7 @@ mechanism's training path through them against the CSR path and the dense masked
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 
 import pytest
@@ -79,27 +80,54 @@ def test_products_and_backward_equal_naive_loops(threads, G, D, start):
         torch.testing.assert_close(got_grad.double(), want_grad, **tol)
 
 
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("D", [16, 12])
 @pytest.mark.parametrize("start", [0, 4])
-def test_indexer_kl_gradient_equals_naive_loops(start):
-    """``c = g * w_j`` where ``ReLU(q_j . k) > 0``: ``grad_q[j] = sum c k[key]``, ``grad_k[key] += c q_j``."""
-    gen = torch.Generator().manual_seed(start)
-    B, T, J, D, K = 2, 7, 3, 16, 4
+def test_indexer_kl_and_its_gradients_equal_naive_loops(threads, D, start):
+    """Per row, over its real slots: ``log q = log_softmax(scores)``, ``KL = sum p log(p / q)``
+    (terms with ``p = 0`` vanish), ``g = (q - p) / R``; ``grad_w[j] = sum g ReLU_j``, and with
+    ``c = g * w_j`` where ``ReLU(q_j . k) > 0``: ``grad_q[j] = sum c k[key]``, ``grad_k[key] += c q_j``.
+    Padding slots (rows at positions < K when ``start = 0``) carry garbage scores; a head width the
+    kernels specialise (16) and one they do not (12); one thread and two."""
+    gen = torch.Generator().manual_seed(start + D)
+    B, T, J, K = 2, 7, 3, 4
     S = start + T
-    g, w = torch.randn(B, T, K, generator=gen), torch.randn(B, T, J, generator=gen)
+    scores = 3 * torch.randn(B, T, K, generator=gen)
+    w = torch.randn(B, T, J, generator=gen)
     index_q, index_k = torch.randn(B, T, J, D, generator=gen), torch.randn(B, S, D, generator=gen)
     keys = random_keys(B, T, K, start, gen)
+    real = keys <= (start + torch.arange(T)).view(1, T, 1)
+    target = torch.rand(B, T, K, generator=gen) * real
+    target[0, -1, 0] = 0.0  # a real slot the target does not reach
+    target /= target.sum(-1, keepdim=True)
     terms = torch.zeros(B, T, J, K)
-    grad_q, grad_k = torch.zeros(B, T, J, D, dtype=torch.float64), torch.zeros(B, S, D, dtype=torch.float64)
     for b, t, j, slot, key, _ in naive_entries(B, T, J, 1, K, keys, start):
         terms[b, t, j, slot] = torch.relu(index_q[b, t, j] @ index_k[b, key])
+
+    R = B * T
+    kl = torch.zeros((), dtype=torch.float64)
+    g = torch.zeros(B, T, K, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            s = scores[b, t].double()[real[b, t]]
+            log_q = s - torch.log(torch.exp(s - s.max()).sum()) - s.max()
+            p = target[b, t].double()[real[b, t]]
+            kl += sum(float(pi * (math.log(pi) - lq)) for pi, lq in zip(p, log_q) if pi > 0)
+            g[b, t, real[b, t]] = (log_q.exp() - p) / R
+    grad_w = torch.einsum("bts,btjs->btj", g, terms.double())
+    grad_q, grad_k = torch.zeros(B, T, J, D, dtype=torch.float64), torch.zeros(B, S, D, dtype=torch.float64)
     for b, t, j, slot, key, _ in naive_entries(B, T, J, 1, K, keys, start):
         if terms[b, t, j, slot] > 0:
-            c = g[b, t, slot].double() * w[b, t, j].double()
+            c = g[b, t, slot] * w[b, t, j].double()
             grad_q[b, t, j] += c * index_k[b, key].double()
             grad_k[b, key] += c * index_q[b, t, j].double()
-    got_q, got_k = _native.indexer_kl_backward(g, w, terms, index_k, index_q, keys, start)
-    torch.testing.assert_close(got_q.double(), grad_q, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_k.double(), grad_k, atol=1e-5, rtol=1e-5)
+
+    loss, grads = _native.indexer_kl(scores, target, w, terms, index_k, index_q, keys, start)
+    torch.testing.assert_close(loss.double(), kl / R, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, (grad_q, grad_k, grad_w)):
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    alone, none = _native.indexer_kl(scores, target, w, terms, index_k, index_q, keys, start, with_grad=False)
+    assert none is None and torch.equal(alone, loss)
 
 
 @pytest.mark.parametrize("values", ["continuous", "ties", "flat", "misleading_sample"])

@@ -7,7 +7,7 @@ need the transposed selection sorted and permuted for the key and value gradient
 work row by row instead: :func:`select_chunk` scores a query's causal keys from the indexer's head
 products and takes an exact radix top-k while the row is in cache; :func:`sampled_dot` and
 :func:`gather_sum` give the logits over the selected keys and the output;
-:func:`attention_backward` and :func:`indexer_kl_backward` read each selected key once for all of a
+:func:`attention_backward` and :func:`indexer_kl` read each selected key once for all of a
 row's gradients, scattering the key-side ones into one table per thread (or per KV group) instead
 of sorting. The file is compiled with the system C compiler (``$CC``, else ``cc``) and called
 through ``ctypes``, which releases the GIL: every call splits its rows over
@@ -62,7 +62,7 @@ _SIGNATURES = {
     "sampled_dot": [_ptr] * 4 + [_i64] * 7 + [_f32, _f32, _i64, _i64],
     "gather_sum": [_ptr] * 4 + [_i64] * 7 + [_i64, _i64],
     "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32] + [_i64] * 4,
-    "indexer_kl_backward": [_ptr] * 8 + [_i64] * 6 + [_i64, _i64],
+    "indexer_kl": [_ptr] * 12 + [_i64] * 6 + [_f32, _i64, _i64],
     "select_chunk": [_ptr] * 6 + [_i64] * 9,
 }
 
@@ -256,23 +256,41 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int
     return grad_q, grad_k, grad_v
 
 
-def indexer_kl_backward(grad_scores: Tensor, weights: Tensor, terms: Tensor, index_k: Tensor, index_q: Tensor,
-                        keys: Tensor, start: int) -> tuple[Tensor, Tensor]:
-    """The indexer KL's gradient with respect to the queries and the keys, from its gradient
-    ``grad_scores`` ``(B, T, K)`` at the selected scores ``I = sum_j w_j ReLU(q_j . k)``:
-    ``weights`` ``(B, T, J)``, the ReLU ``terms`` ``(B, T, J, K)``, ``index_k`` ``(B, S, D)``,
-    ``index_q`` ``(B, T, J, D)`` -> ``grad_q`` ``(B, T, J, D)``, ``grad_k`` ``(B, S, D)``."""
-    _check(grad_scores, weights, terms, index_k, index_q, keys)
+def indexer_kl(scores: Tensor, target: Tensor, weights: Tensor, terms: Tensor, index_k: Tensor, index_q: Tensor,
+               keys: Tensor, start: int, with_grad: bool = True
+               ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """The indexer's KL over each query's selected keys, mean over the ``R = B * T`` queries, and
+    its gradients, in one pass over each row: the selected indexer ``scores`` ``(B, T, K)`` (any
+    value on padding), the target probabilities ``(B, T, K)`` (zero on padding), the head
+    ``weights`` ``(B, T, J)``, the ReLU ``terms`` ``(B, T, J, K)`` that make the scores,
+    ``index_k`` ``(B, S, D)`` and ``index_q`` ``(B, T, J, D)``.
+
+    Returns the loss (0-d) and, when ``with_grad``, its gradients with respect to the queries
+    ``(B, T, J, D)``, the keys ``(B, S, D)`` and the head weights ``(B, T, J)``."""
+    _check(scores, target, weights, terms, index_k, index_q, keys)
     B, T, J, D = index_q.shape
     S, K = index_k.shape[1], keys.shape[-1]
-    grad_q = torch.empty_like(index_q)
+    loss_rows = scores.new_empty(B * T)
     parts = _ranges(B * T, _threads(B * T))
-    grad_k = index_k.new_zeros(len(parts), *index_k.shape)
+    scratch = scores.new_empty(len(parts), K)
+    if with_grad:
+        grad_q, grad_w = torch.empty_like(index_q), torch.empty_like(weights)
+        grad_k = index_k.new_zeros(len(parts), *index_k.shape)
     lib = library()
-    _run([functools.partial(lib.indexer_kl_backward, grad_scores.data_ptr(), weights.data_ptr(), terms.data_ptr(),
-                            index_k.data_ptr(), index_q.data_ptr(), keys.data_ptr(), grad_q.data_ptr(),
-                            grad_k[i].data_ptr(), T, J, S, D, K, start, r0, r1) for i, (r0, r1) in enumerate(parts)])
-    return grad_q, grad_k.sum(0) if len(parts) > 1 else grad_k[0]
+
+    def pointer(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    _run([functools.partial(lib.indexer_kl, scores.data_ptr(), target.data_ptr(), weights.data_ptr(),
+                            terms.data_ptr(), index_k.data_ptr(), index_q.data_ptr(), keys.data_ptr(),
+                            loss_rows.data_ptr(), pointer(grad_w if with_grad else None),
+                            pointer(grad_q if with_grad else None), pointer(grad_k[i] if with_grad else None),
+                            scratch[i].data_ptr(), T, J, S, D, K, start, 1.0 / (B * T), r0, r1)
+          for i, (r0, r1) in enumerate(parts)])
+    loss = loss_rows.sum() / (B * T)
+    if not with_grad:
+        return loss, None
+    return loss, (grad_q, grad_k.sum(0) if len(parts) > 1 else grad_k[0], grad_w)
 
 
 def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int, keep_for_kl: bool,

@@ -578,7 +578,9 @@ class SelectedIndexerKL(torch.autograd.Function):
 
     The gradient with respect to ``index_q`` ``(B, H_I, T, D_I)`` and ``index_k`` ``(B, S, D_I)``
     is a sparse-dense product over the selected entries (and its transpose), computed chunk by
-    chunk in the forward pass; ``index_w`` ``(B, T, H_I)`` gets ``sum_s g_s ReLU(q_j . k_s)``."""
+    chunk in the forward pass; ``index_w`` ``(B, T, H_I)`` gets ``sum_s g_s ReLU(q_j . k_s)``.
+    ``native``: the loss and all three gradients in one pass over the rows
+    (:func:`~attnlab.attention._native.indexer_kl`, float32), no ``(B, T, K)`` intermediates."""
 
     @staticmethod
     @_without_autocast
@@ -587,6 +589,17 @@ class SelectedIndexerKL(torch.autograd.Function):
         B, H_I, T, D_I = index_q.shape
         S = index_k.shape[1]
         dtype = _compute_dtype(index_q.dtype)
+        wants_grad = any(ctx.needs_input_grad[:3])
+        if native:  # the loss and its gradients in one C pass over the rows (float32)
+            f32 = torch.float32
+            loss, grads = _native.indexer_kl(
+                selection.scores.to(f32).contiguous(), target.to(f32).contiguous(), index_w.to(f32).contiguous(),
+                selection.relu.to(f32).contiguous(), index_k.to(f32).contiguous(),
+                index_q.to(f32).transpose(1, 2).contiguous(), selection.keys, selection.start, wants_grad)
+            if wants_grad:
+                grad_q, grad_k, grad_w = grads
+                ctx.save_for_backward(grad_q.transpose(1, 2).to(dtype), grad_k.to(dtype), grad_w.to(dtype))
+            return loss.to(dtype)
         target = target.to(dtype)
         scores = selection.scores.to(dtype)
         valid = selection.valid()
@@ -596,19 +609,12 @@ class SelectedIndexerKL(torch.autograd.Function):
         log_q = scores.log_softmax(dim=-1)
         n_queries = B * T
         loss = _kl_rows(target, log_q, allowed).sum() / n_queries
-        if any(ctx.needs_input_grad[:3]):
+        if wants_grad:
             grad_scores = log_q.exp_().sub_(target).div_(n_queries)  # (B, T, K), zero on padding
             relu = selection.relu.to(dtype)  # (B, T, H_I, K)
             index_w = index_w.to(dtype)
             grad_w = torch.einsum("bts,btjs->btj", grad_scores, relu)
             q_rows = index_q.to(dtype).transpose(1, 2)  # (B, T, H_I, D_I)
-            if native:  # the C kernels take float32
-                f32 = torch.float32
-                grad_q, grad_k = _native.indexer_kl_backward(
-                    grad_scores.to(f32).contiguous(), index_w.to(f32).contiguous(), relu.to(f32).contiguous(),
-                    index_k.to(f32).contiguous(), q_rows.to(f32).contiguous(), selection.keys, selection.start)
-                ctx.save_for_backward(grad_q.transpose(1, 2).to(dtype), grad_k.to(dtype), grad_w)
-                return loss
             k_rows = index_k.to(dtype).reshape(B * S, D_I)
             grad_q = q_rows.new_empty(B, T, H_I, D_I)
             grad_k = q_rows.new_zeros(B, S, D_I)

@@ -139,28 +139,104 @@ static inline __attribute__((always_inline)) void attention_backward_impl(
     }
 }
 
-/* The gradient of the indexer's KL over the selected keys with respect to its queries q_j (R, J, D)
- * and its key table (B, S, D): with c = g[r, slot] * w[r, j] where ReLU(q_j . k) > 0 (terms
- * (R, J, K) hold the ReLU values), grad_q[r, j] = sum_slot c k[key] and grad_k[key] += c q_j[r]
- * (one grad_k per thread). g (R, K), w (R, J). */
-static inline __attribute__((always_inline)) void indexer_kl_backward_impl(
-        const float *g, const float *w, const float *terms, const float *k_table, const float *q,
-        const int32_t *keys, float *grad_q, float *grad_k, i64 T, i64 J, i64 S, const i64 D, i64 K, i64 start,
-        i64 r0, i64 r1) {
+/* exp(x) for x <= 0 and log(x) for normal x > 0 to about 2 float ulps, in straight-line arithmetic
+ * that vectorises (the C library's expf/logf are calls, one value at a time): a power of two from
+ * the exponent bits times a polynomial on the reduced argument (Cephes' coefficients). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;  /* exp(-87) ~ 1.6e-38: the smallest normal float's order */
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  /* x - n ln 2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float log_positive(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    float e = (float)((bits >> 23) - 127);
+    bits = (bits & 0x007fffff) | 0x3f800000;  /* the mantissa m in [1, 2) */
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    const int high = m > 1.41421356f;  /* m in [sqrt(1/2), sqrt(2)): log(m) = log(1 + f), |f| < 0.42 */
+    m = high ? 0.5f * m : m;
+    e = high ? e + 1.0f : e;
+    const float f = m - 1.0f, z = f * f;
+    float y = 7.0376836292e-2f;
+    y = y * f - 1.1514610310e-1f;
+    y = y * f + 1.1676998740e-1f;
+    y = y * f - 1.2420140846e-1f;
+    y = y * f + 1.4249322787e-1f;
+    y = y * f - 1.6668057665e-1f;
+    y = y * f + 2.0000714765e-1f;
+    y = y * f - 2.4999993993e-1f;
+    y = y * f + 3.3333331174e-1f;
+    y = y * f * z - e * 2.12194440e-4f - 0.5f * z;
+    return f + y + e * 0.693359375f;
+}
+
+/* The indexer's KL over each row's selected keys (the sparse stage) and its gradients, row by row:
+ *   log q = log_softmax of the row's scores over its real slots (padding excluded),
+ *   loss[r] = sum p (log p - log q) over the slots where p > 0,
+ *   g = (q - p) * inv_n: the gradient of the mean over the rows with respect to the scores,
+ *   grad_w[r, j] = sum_slot g terms[r, j, slot] (terms: the heads' ReLU(q_j . k) at the slots),
+ *   with c = g[slot] * w[r, j] where the ReLU passed: grad_q[r, j] = sum_slot c k[key] and
+ *   grad_k[key] += c q_j[r] (one grad_k per thread).
+ * scores, p (R, K); terms (R, J, K); w (R, J); q (R, J, D); k_table (B, S, D); `row` K floats of
+ * scratch. With grad_q NULL only the loss. */
+static inline __attribute__((always_inline)) void indexer_kl_impl(
+        const float *scores, const float *p, const float *w, const float *terms, const float *k_table,
+        const float *q, const int32_t *keys, float *loss, float *grad_w, float *grad_q, float *grad_k,
+        float *row, i64 T, i64 J, i64 S, const i64 D, i64 K, i64 start, float inv_n, i64 r0, i64 r1) {
     for (i64 r = r0; r < r1; ++r) {
         const i64 batch = r / T, position = start + r % T;
         const int32_t *row_keys = keys + r * K;
-        const float *base = k_table + batch * S * D, *qr = q + r * J * D, *wr = w + r * J, *tr = terms + r * J * K;
+        const float *sr = scores + r * K, *pr = p + r * K;
+        float top = -__builtin_inff();
+        for (i64 slot = 0; slot < K; ++slot) {
+            const float s = row_keys[slot] <= position ? sr[slot] : -__builtin_inff();
+            top = s > top ? s : top;
+        }
+        float total = 0.0f;
+        for (i64 slot = 0; slot < K; ++slot) {
+            row[slot] = row_keys[slot] <= position ? exp_nonpositive(sr[slot] - top) : 0.0f;
+            total += row[slot];
+        }
+        const float log_total = log_positive(total), inv_total = 1.0f / total;
+        float kl = 0.0f;
+        for (i64 slot = 0; slot < K; ++slot) {
+            const float target = pr[slot], log_q = sr[slot] - top - log_total;
+            /* padding slots have p = 0: no term; their g is 0 through row[slot] = 0 */
+            kl += target > 0.0f ? target * (log_positive(target) - log_q) : 0.0f;
+            row[slot] = (row[slot] * inv_total - target) * inv_n;
+        }
+        loss[r] = kl;
+        if (!grad_q) continue;
+        const float *tr = terms + r * J * K, *wr = w + r * J, *qr = q + r * J * D;
+        for (i64 j = 0; j < J; ++j) {
+            float acc = 0.0f;
+            for (i64 slot = 0; slot < K; ++slot) acc += row[slot] * tr[j * K + slot];
+            grad_w[r * J + j] = acc;
+        }
+        const float *base = k_table + batch * S * D;
         float *grad_base = grad_k + batch * S * D, *dq = grad_q + r * J * D;
         memset(dq, 0, J * D * sizeof(float));
         for (i64 slot = 0; slot < K; ++slot) {
             const float *k_row = entry(base, row_keys, slot, K, D, position);
-            if (!k_row || g[r * K + slot] == 0.0f) continue;
+            if (!k_row || row[slot] == 0.0f) continue;
             float *grad_row = grad_base + (k_row - base);
             if (slot + PREFETCH < K) prefetch_rows(grad_base + row_keys[slot + PREFETCH] * D, D, 1);
             for (i64 j = 0; j < J; ++j) {
                 if (tr[j * K + slot] <= 0.0f) continue;  /* the ReLU passes no gradient */
-                const float c = g[r * K + slot] * wr[j];
+                const float c = row[slot] * wr[j];
                 axpy(dq + j * D, c, k_row, D);
                 axpy(grad_row, c, qr + j * D, D);
             }
@@ -193,11 +269,11 @@ void gather_sum(const float *w, const float *table, const int32_t *keys, float *
 #undef CALL
 }
 
-void indexer_kl_backward(const float *g, const float *w, const float *terms, const float *k_table, const float *q,
-                         const int32_t *keys, float *grad_q, float *grad_k, i64 T, i64 J, i64 S, i64 D, i64 K,
-                         i64 start, i64 r0, i64 r1) {
-#define CALL(width) indexer_kl_backward_impl(g, w, terms, k_table, q, keys, grad_q, grad_k, T, J, S, width, K, \
-                                             start, r0, r1)
+void indexer_kl(const float *scores, const float *p, const float *w, const float *terms, const float *k_table,
+                const float *q, const int32_t *keys, float *loss, float *grad_w, float *grad_q, float *grad_k,
+                float *row, i64 T, i64 J, i64 S, i64 D, i64 K, i64 start, float inv_n, i64 r0, i64 r1) {
+#define CALL(width) indexer_kl_impl(scores, p, w, terms, k_table, q, keys, loss, grad_w, grad_q, grad_k, row, T, J, \
+                                    S, width, K, start, inv_n, r0, r1)
     DISPATCH_D(CALL)
 #undef CALL
 }
