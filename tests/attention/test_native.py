@@ -45,36 +45,47 @@ def naive_entries(B, T, H, G, K, keys, start):
 @pytest.mark.parametrize("G", [4, 2, 1])
 @pytest.mark.parametrize("D", [32, 12])
 @pytest.mark.parametrize("start", [0, 3])
-def test_products_and_backward_equal_naive_loops(threads, G, D, start):
-    """SDDMM, SpMM and the fused attention backward, for MHA/GQA/MQA
-    groups, a head width the kernels specialise (32) and one they do not (12), padding rows; on one
-    thread and on two (which split the KV groups where there are enough, else the rows)."""
+def test_forward_and_backward_equal_naive_loops(threads, G, D, start):
+    """Softmax attention over the selected keys (probabilities, output, their head average) and the
+    fused backward pass, for MHA/GQA/MQA groups, a head width the kernels specialise (32) and one
+    they do not (12), padding rows; on one thread and on two (which split the KV groups where there
+    are enough, else the rows). Logits of up to +-100: the softmax must not overflow."""
     gen = torch.Generator().manual_seed(D + G + start)
     B, T, H, K = 2, 9, 4, 5
     S = start + T
-    q, grad_out = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, D, generator=gen)
+    q, grad_out = 3 * torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, D, generator=gen)
     k, v = torch.randn(B, S, G, D, generator=gen), torch.randn(B, S, G, D, generator=gen)
     weights, delta = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, generator=gen)
     keys = random_keys(B, T, K, start, gen)
     q64, k64, v64, w64, g64 = (t.double() for t in (q, k, v, weights, grad_out))
 
     logits = torch.full((B, T, H, K), float("-inf"), dtype=torch.float64)
+    for b, t, h, slot, key, g in naive_entries(B, T, H, G, K, keys, start):
+        logits[b, t, h, slot] = 0.5 * (q64[b, t, h] @ k64[b, key, g])
+    probs = torch.zeros(B, T, H, K, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                e = [math.exp(x - float(logits[b, t, h].max())) for x in logits[b, t, h].tolist()]
+                probs[b, t, h] = torch.tensor(e, dtype=torch.float64) / sum(e)
     out = torch.zeros(B, T, H, D, dtype=torch.float64)
     grad_q = torch.zeros(B, T, H, D, dtype=torch.float64)
     grad_k, grad_v = torch.zeros(B, S, G, D, dtype=torch.float64), torch.zeros(B, S, G, D, dtype=torch.float64)
     for b, t, h, slot, key, g in naive_entries(B, T, H, G, K, keys, start):
-        logits[b, t, h, slot] = 0.5 * (q64[b, t, h] @ k64[b, key, g])
-        out[b, t, h] += w64[b, t, h, slot] * k64[b, key, g]
+        out[b, t, h] += probs[b, t, h, slot] * v64[b, key, g]
         ds = 0.5 * w64[b, t, h, slot] * (g64[b, t, h] @ v64[b, key, g] - delta[b, t, h].double())
         grad_q[b, t, h] += ds * k64[b, key, g]
         grad_k[b, key, g] += ds * q64[b, t, h]
         grad_v[b, key, g] += w64[b, t, h, slot] * g64[b, t, h]
 
     tol = dict(atol=1e-5, rtol=1e-5)
-    got_logits = _native.sampled_dot(q, k, keys, start, scale=0.5)
-    assert torch.equal(got_logits.isinf(), logits.isinf())
-    torch.testing.assert_close(got_logits.double(), logits, **tol)
-    torch.testing.assert_close(_native.gather_sum(weights, k, keys, start).double(), out, **tol)
+    got_probs, got_out, got_mean = _native.attention_forward(q, k, v, keys, start, 0.5, want_mean=True)
+    assert torch.equal(got_probs == 0, probs == 0)  # padding exactly zero
+    torch.testing.assert_close(got_probs.double(), probs, **tol)
+    torch.testing.assert_close(got_out.double(), out, **tol)
+    torch.testing.assert_close(got_mean.double(), probs.mean(dim=2), **tol)
+    again_probs, again_out, no_mean = _native.attention_forward(q, k, v, keys, start, 0.5)
+    assert no_mean is None and torch.equal(again_probs, got_probs) and torch.equal(again_out, got_out)
     got = _native.attention_backward(q, k, v, keys, start, weights, grad_out, delta, 0.5)
     for got_grad, want_grad in zip(got, (grad_q, grad_k, grad_v)):
         torch.testing.assert_close(got_grad.double(), want_grad, **tol)
@@ -196,10 +207,11 @@ def test_chunk_selection_writes_its_rows_of_a_whole_selection(threads):
 
 def test_kernels_refuse_other_dtypes_and_layouts():
     keys = torch.zeros(1, 2, 1, dtype=torch.int32)
+    table = torch.zeros(1, 2, 1, 4)
     with pytest.raises(ValueError, match="float64"):
-        _native.sampled_dot(torch.zeros(1, 2, 1, 4, dtype=torch.float64), torch.zeros(1, 2, 1, 4), keys, 0)
+        _native.attention_forward(torch.zeros(1, 2, 1, 4, dtype=torch.float64), table, table, keys, 0, 1.0)
     with pytest.raises(ValueError, match="contiguous: False"):
-        _native.sampled_dot(torch.zeros(1, 2, 1, 8)[..., ::2], torch.zeros(1, 2, 1, 4), keys, 0)
+        _native.attention_forward(torch.zeros(1, 2, 1, 8)[..., ::2], table, table, keys, 0, 1.0)
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
@@ -281,8 +293,9 @@ def test_disabled_or_unbuildable_falls_back_to_pytorch(monkeypatch, fresh_librar
     assert not list(tmp_path.rglob("*.so*"))  # no partial library left behind
 
 
-def _logits_in_child(keys):
-    return _native.sampled_dot(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8), keys, 0).sum().item()
+def _output_in_child(keys):
+    table = torch.ones(1, 2, 1, 8)
+    return _native.attention_forward(torch.ones(1, 2, 1, 8), table, table, keys, 0, 1.0)[1].sum().item()
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
@@ -290,6 +303,6 @@ def test_kernels_run_in_a_forked_child(threads):
     """A child forked after the parent used the thread pool gets a pool of its own (the parent's
     threads do not exist there: submitting to the inherited pool would wait forever)."""
     keys = torch.tensor([[[0], [1]]], dtype=torch.int32)
-    want = _logits_in_child(keys)  # the parent's pool now exists
+    want = _output_in_child(keys)  # the parent's pool now exists
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        assert pool.apply_async(_logits_in_child, (keys,)).get(timeout=60) == want == 16.0
+        assert pool.apply_async(_output_in_child, (keys,)).get(timeout=60) == want == 16.0

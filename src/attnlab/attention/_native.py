@@ -5,8 +5,8 @@ DeepSeek-style sparse attention slower than dense attention: the ``topk`` of eve
 reads each score several times (about 13 ns per score at T=4,096), and the sparse CSR products
 need the transposed selection sorted and permuted for the key and value gradients. These kernels
 work row by row instead: :func:`select_chunk` scores a query's causal keys from the indexer's head
-products and takes an exact radix top-k while the row is in cache; :func:`sampled_dot` and
-:func:`gather_sum` give the logits over the selected keys and the output;
+products and takes an exact radix top-k while the row is in cache; :func:`attention_forward` gives
+each row's probabilities over its selected keys and the output in one pass;
 :func:`attention_backward` and :func:`indexer_kl` read each selected key once for all of a
 row's gradients, scattering the key-side ones into one table per thread (or per KV group) instead
 of sorting. The file is compiled with the system C compiler (``$CC``, else ``cc``) and called
@@ -59,8 +59,7 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fassociative-
 _i64, _f32 = ctypes.c_int64, ctypes.c_float
 _ptr = ctypes.c_void_p
 _SIGNATURES = {
-    "sampled_dot": [_ptr] * 4 + [_i64] * 7 + [_f32, _f32, _i64, _i64],
-    "gather_sum": [_ptr] * 4 + [_i64] * 7 + [_i64, _i64],
+    "attention_forward": [_ptr] * 7 + [_i64] * 7 + [_f32, _i64, _i64],
     "attention_backward": [_ptr] * 10 + [_i64] * 7 + [_f32] + [_i64] * 4,
     "indexer_kl": [_ptr] * 12 + [_i64] * 6 + [_f32, _i64, _i64],
     "select_chunk": [_ptr] * 6 + [_i64] * 9,
@@ -198,31 +197,26 @@ def _shape_args(queries: Tensor, table: Tensor, keys: Tensor, start: int) -> tup
     return T, H, G, S, D, keys.shape[-1], start
 
 
-def _per_row(kernel: str, queries: Tensor, table: Tensor, keys: Tensor, start: int, width: int, *scalars
-             ) -> Tensor:
-    """Run ``kernel`` on ``queries`` ``(B, T, H, *)`` over ``table`` ``(B, S, G, D)`` at ``keys``
-    ``(B, T, K)``, rows split over the threads, into a new ``(B, T, H, width)`` output."""
-    _check(queries, table, keys)
-    B, T, H, _ = queries.shape
-    out = queries.new_empty(B, T, H, width)
-    function, args = getattr(library(), kernel), _shape_args(queries, table, keys, start)
-    _run([functools.partial(function, queries.data_ptr(), table.data_ptr(), keys.data_ptr(), out.data_ptr(), *args,
-                            *scalars, r0, r1) for r0, r1 in _ranges(B * T, _threads(B * T))])
-    return out
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int, scale: float,
+                      want_mean: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Softmax attention of ``q`` ``(B, T, H, D)`` over the selected keys of ``k, v`` ``(B, S, G, D)``
+    (head ``h`` reads group ``h // (H / G)``), ``keys`` ``(B, T, K)`` int32, query ``t`` at position
+    ``start + t``; entries after it are padding.
 
-
-def sampled_dot(a: Tensor, table: Tensor, keys: Tensor, start: int, scale: float = 1.0,
-                masked: float = float("-inf")) -> Tensor:
-    """``scale * a[b, t, h] . table[b, keys[b, t, slot], h // (H / G)]`` -> ``(B, T, H, K)`` float32;
-    ``a`` ``(B, T, H, D)``, ``table`` ``(B, S, G, D)``, ``keys`` ``(B, T, K)`` int32; ``masked``
-    where a key lies after its query's position ``start + t``."""
-    return _per_row("sampled_dot", a, table, keys, start, keys.shape[-1], scale, masked)
-
-
-def gather_sum(weights: Tensor, table: Tensor, keys: Tensor, start: int) -> Tensor:
-    """``out[b, t, h] = sum_slot weights[b, t, h, slot] * table[b, keys[b, t, slot], h // (H / G)]``
-    -> ``(B, T, H, D)``, ``weights`` ``(B, T, H, K)`` float32, padding keys skipped."""
-    return _per_row("gather_sum", weights, table, keys, start, table.shape[-1])
+    Returns the probabilities ``(B, T, H, K)`` (0 on padding), the output ``(B, T, H, D)`` and, when
+    ``want_mean``, the probabilities averaged over the heads ``(B, T, K)``. Each row's logits,
+    softmax and weighted sum in one pass, rows split over the threads."""
+    _check(q, k, v, keys)
+    B, T, H, D = q.shape
+    K = keys.shape[-1]
+    p, out = q.new_empty(B, T, H, K), torch.empty_like(q)
+    mean = q.new_empty(B, T, K) if want_mean else None
+    args = _shape_args(q, k, keys, start)
+    lib = library()
+    _run([functools.partial(lib.attention_forward, q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(),
+                            p.data_ptr(), out.data_ptr(), None if mean is None else mean.data_ptr(), *args, scale,
+                            r0, r1) for r0, r1 in _ranges(B * T, _threads(B * T))])
+    return p, out, mean
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int, probs: Tensor, grad_out: Tensor,

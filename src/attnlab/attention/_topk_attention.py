@@ -391,8 +391,8 @@ class SelectedAttention(torch.autograd.Function):
 
 class NativeSelectedAttention(torch.autograd.Function):
     """:class:`SelectedAttention` through the C kernels of :mod:`~attnlab.attention._native`
-    (float32 on CPU), all rows in one call each: forward one sampled product and one gathered
-    sum; backward one pass over each query's keys for all three gradients (the key and value
+    (float32 on CPU), all rows in one call each: forward one pass over each query's keys for the
+    logits, their softmax and the weighted sum of the values; backward one pass over each query's keys for all three gradients (the key and value
     gradients scattered per KV group, or per thread for MQA), with no transposed selection to
     build. Keeps the output and the ``(B, T, H, K)`` probabilities."""
 
@@ -404,9 +404,8 @@ class NativeSelectedAttention(torch.autograd.Function):
         k_rows = k.to(f32).transpose(1, 2).contiguous()  # (B, S, H_kv, D)
         v_rows = v.to(f32).transpose(1, 2).contiguous()
         keys = selection.keys
-        p = _native.sampled_dot(q_rows, k_rows, keys, selection.start, scale).softmax(dim=-1)  # (B, T, H, K)
-        out = _native.gather_sum(p, v_rows, keys, selection.start)  # (B, T, H, D)
-        probs = p.mean(dim=2) if want_probs else None
+        # p (B, T, H, K), out (B, T, H, D), probs (B, T, K)
+        p, out, probs = _native.attention_forward(q_rows, k_rows, v_rows, keys, selection.start, scale, want_probs)
         if want_probs:
             ctx.mark_non_differentiable(probs)
         ctx.save_for_backward(q_rows, k_rows, v_rows, out, p if any(ctx.needs_input_grad[:3]) else None)

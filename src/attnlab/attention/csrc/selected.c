@@ -61,38 +61,93 @@ static inline __attribute__((always_inline)) void axpy(float *restrict y, float 
     i64 group_offset[H];                                       \
     for (i64 h = 0; h < H; ++h) group_offset[h] = (h / (H / G)) * D;
 
-/* out[r, h, slot] = scale * a[r, h, :] . table[key(r, slot), g(h), :], or `masked` for padding (SDDMM). */
-static inline __attribute__((always_inline)) void sampled_dot_impl(
-        const float *a, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G, i64 S,
-        const i64 D, i64 K, i64 start, float scale, float masked, i64 r0, i64 r1) {
+/* exp(x) for x <= 0 and log(x) for normal x > 0 to about 2 float ulps, in straight-line arithmetic
+ * that vectorises (the C library's expf/logf are calls, one value at a time): a power of two from
+ * the exponent bits times a polynomial on the reduced argument (Cephes' coefficients). */
+static inline float exp_nonpositive(float x) {
+    const int vanishes = x < -87.0f;  /* exp(-87) ~ 1.6e-38, the smallest normal float's order; -inf -> 0 */
+    x = vanishes ? -87.0f : x;
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  /* x - n ln 2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return vanishes ? 0.0f : p * scale;
+}
+
+static inline float log_positive(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    float e = (float)((bits >> 23) - 127);
+    bits = (bits & 0x007fffff) | 0x3f800000;  /* the mantissa m in [1, 2) */
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    const int high = m > 1.41421356f;  /* m in [sqrt(1/2), sqrt(2)): log(m) = log(1 + f), |f| < 0.42 */
+    m = high ? 0.5f * m : m;
+    e = high ? e + 1.0f : e;
+    const float f = m - 1.0f, z = f * f;
+    float y = 7.0376836292e-2f;
+    y = y * f - 1.1514610310e-1f;
+    y = y * f + 1.1676998740e-1f;
+    y = y * f - 1.2420140846e-1f;
+    y = y * f + 1.4249322787e-1f;
+    y = y * f - 1.6668057665e-1f;
+    y = y * f + 2.0000714765e-1f;
+    y = y * f - 2.4999993993e-1f;
+    y = y * f + 3.3333331174e-1f;
+    y = y * f * z - e * 2.12194440e-4f - 0.5f * z;
+    return f + y + e * 0.693359375f;
+}
+
+/* Softmax attention of each row's heads over its selected keys, one row at a time:
+ *   p[r, h, slot] = softmax over the row's real slots of scale * q[r, h] . k[key, g(h)] (0 on padding),
+ *   out[r, h] = sum_slot p[r, h, slot] v[key, g(h)],
+ *   mean[r, slot] = the heads' average of p (the indexer's KL target), unless mean is NULL.
+ * q, out (R, H, D); p (R, H, K); mean (R, K). A row's logits stay in cache from the products to the
+ * weighted sum. */
+static inline __attribute__((always_inline)) void attention_forward_impl(
+        const float *q, const float *k_table, const float *v_table, const int32_t *keys, float *p, float *out,
+        float *mean, i64 T, i64 H, i64 G, i64 S, const i64 D, i64 K, i64 start, float scale, i64 r0, i64 r1) {
     GROUP_OFFSETS()
     for (i64 r = r0; r < r1; ++r) {
-        ROW_SETUP(table, G * D)
-        const float *x = a + r * H * D;
-        float *o = out + r * H * K;
+        ROW_SETUP(k_table, G * D)
+        const float *v_base = v_table + batch * S * G * D, *x = q + r * H * D;
+        float *pr = p + r * H * K, *o = out + r * H * D;
         for (i64 slot = 0; slot < K; ++slot) {
             const float *rows = entry(base, row_keys, slot, K, G * D, position);
             for (i64 h = 0; h < H; ++h)
-                o[h * K + slot] = rows ? scale * dot(x + h * D, rows + group_offset[h], D) : masked;
+                pr[h * K + slot] = rows ? scale * dot(x + h * D, rows + group_offset[h], D) : -__builtin_inff();
         }
-    }
-}
-
-/* out[r, h, :] = sum_slot w[r, h, slot] * table[key(r, slot), g(h), :] (SpMM); padding skipped. */
-static inline __attribute__((always_inline)) void gather_sum_impl(
-        const float *w, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G, i64 S,
-        const i64 D, i64 K, i64 start, i64 r0, i64 r1) {
-    GROUP_OFFSETS()
-    for (i64 r = r0; r < r1; ++r) {
-        ROW_SETUP(table, G * D)
-        const float *wr = w + r * H * K;
-        float *o = out + r * H * D;
+        for (i64 h = 0; h < H; ++h) {
+            float *ph = pr + h * K, top = -__builtin_inff(), total = 0.0f;
+            for (i64 slot = 0; slot < K; ++slot) top = ph[slot] > top ? ph[slot] : top;
+            for (i64 slot = 0; slot < K; ++slot) {
+                ph[slot] = exp_nonpositive(ph[slot] - top);
+                total += ph[slot];
+            }
+            const float inv_total = 1.0f / total;
+            for (i64 slot = 0; slot < K; ++slot) ph[slot] *= inv_total;
+        }
         memset(o, 0, H * D * sizeof(float));
         for (i64 slot = 0; slot < K; ++slot) {
-            const float *rows = entry(base, row_keys, slot, K, G * D, position);
+            const float *rows = entry(v_base, row_keys, slot, K, G * D, position);
             if (!rows) continue;
-            for (i64 h = 0; h < H; ++h) axpy(o + h * D, wr[h * K + slot], rows + group_offset[h], D);
+            for (i64 h = 0; h < H; ++h) axpy(o + h * D, pr[h * K + slot], rows + group_offset[h], D);
         }
+        if (!mean) continue;
+        float *m = mean + r * K;
+        const float inv_heads = 1.0f / (float)H;
+        for (i64 slot = 0; slot < K; ++slot) m[slot] = pr[slot];
+        for (i64 h = 1; h < H; ++h)
+            for (i64 slot = 0; slot < K; ++slot) m[slot] += pr[h * K + slot];
+        for (i64 slot = 0; slot < K; ++slot) m[slot] *= inv_heads;
     }
 }
 
@@ -137,50 +192,6 @@ static inline __attribute__((always_inline)) void attention_backward_impl(
             }
         }
     }
-}
-
-/* exp(x) for x <= 0 and log(x) for normal x > 0 to about 2 float ulps, in straight-line arithmetic
- * that vectorises (the C library's expf/logf are calls, one value at a time): a power of two from
- * the exponent bits times a polynomial on the reduced argument (Cephes' coefficients). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;  /* exp(-87) ~ 1.6e-38: the smallest normal float's order */
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  /* x - n ln 2 in two parts */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-static inline float log_positive(float x) {
-    int32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    float e = (float)((bits >> 23) - 127);
-    bits = (bits & 0x007fffff) | 0x3f800000;  /* the mantissa m in [1, 2) */
-    float m;
-    memcpy(&m, &bits, sizeof m);
-    const int high = m > 1.41421356f;  /* m in [sqrt(1/2), sqrt(2)): log(m) = log(1 + f), |f| < 0.42 */
-    m = high ? 0.5f * m : m;
-    e = high ? e + 1.0f : e;
-    const float f = m - 1.0f, z = f * f;
-    float y = 7.0376836292e-2f;
-    y = y * f - 1.1514610310e-1f;
-    y = y * f + 1.1676998740e-1f;
-    y = y * f - 1.2420140846e-1f;
-    y = y * f + 1.4249322787e-1f;
-    y = y * f - 1.6668057665e-1f;
-    y = y * f + 2.0000714765e-1f;
-    y = y * f - 2.4999993993e-1f;
-    y = y * f + 3.3333331174e-1f;
-    y = y * f * z - e * 2.12194440e-4f - 0.5f * z;
-    return f + y + e * 0.693359375f;
 }
 
 /* The indexer's KL over each row's selected keys (the sparse stage) and its gradients, row by row:
@@ -255,16 +266,11 @@ static inline __attribute__((always_inline)) void indexer_kl_impl(
     default: call(D); \
     }
 
-void sampled_dot(const float *a, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G,
-                 i64 S, i64 D, i64 K, i64 start, float scale, float masked, i64 r0, i64 r1) {
-#define CALL(width) sampled_dot_impl(a, table, keys, out, T, H, G, S, width, K, start, scale, masked, r0, r1)
-    DISPATCH_D(CALL)
-#undef CALL
-}
-
-void gather_sum(const float *w, const float *table, const int32_t *keys, float *out, i64 T, i64 H, i64 G, i64 S,
-                i64 D, i64 K, i64 start, i64 r0, i64 r1) {
-#define CALL(width) gather_sum_impl(w, table, keys, out, T, H, G, S, width, K, start, r0, r1)
+void attention_forward(const float *q, const float *k_table, const float *v_table, const int32_t *keys, float *p,
+                       float *out, float *mean, i64 T, i64 H, i64 G, i64 S, i64 D, i64 K, i64 start, float scale,
+                       i64 r0, i64 r1) {
+#define CALL(width) attention_forward_impl(q, k_table, v_table, keys, p, out, mean, T, H, G, S, width, K, start, \
+                                           scale, r0, r1)
     DISPATCH_D(CALL)
 #undef CALL
 }
