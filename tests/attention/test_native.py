@@ -189,7 +189,7 @@ def test_chunk_selection_scores_heads_and_keeps_the_kl_inputs():
 def test_chunk_selection_writes_its_rows_of_a_whole_selection(threads):
     """With ``into``, the chunk's rows land at ``row..row+n`` of the sequence-long outputs (both
     sequences), the same values as a chunk on its own, on any number of OpenMP threads; the other
-    rows stay as they were."""
+    rows stay as they were. The head weights are then the sequence's, read at the same rows."""
     gen = torch.Generator().manual_seed(1)
     B, J, n, first, top_k, T, row = 2, 4, 7, 30, 8, 20, 9
     E = first + n - 1
@@ -198,7 +198,9 @@ def test_chunk_selection_writes_its_rows_of_a_whole_selection(threads):
     into = (torch.full((B, T, top_k), -1, dtype=torch.int32), torch.full((B, T, top_k), -1.0),
             torch.full((B, T, J, top_k), -1.0))
     scratch = torch.empty(_native.select_scratch_size(E, threads), dtype=torch.int32)
-    got = _native.select_chunk(products, weights, first, top_k, True, into, row, scratch)
+    sequence_weights = torch.randn(B, T, J, generator=gen)  # other rows: weights that would change the choice
+    sequence_weights[:, row:row + n] = weights
+    got = _native.select_chunk(products, sequence_weights, first, top_k, True, into, row, scratch)
     for whole, part in zip(got, alone):
         assert torch.equal(whole[:, row:row + n], part)
         outside = torch.cat([whole[:, :row], whole[:, row + n:]], dim=1)

@@ -298,7 +298,8 @@ def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int
     Returns the positions ``(B, n, top_k)`` int32, ascending, and when ``keep_for_kl`` the scores
     ``(B, n, top_k)`` and ReLU terms ``(B, n, J, top_k)`` there. ``into``: write them instead into
     rows ``row..row+n`` of these contiguous ``(B, T', ...)`` tensors (a whole sequence's selection,
-    filled chunk by chunk) and return those. ``scratch``: int32 workspace of at least
+    filled chunk by chunk) and return those; the head weights are then the whole sequence's too,
+    ``(B, T', J)``, read at the same rows. ``scratch``: int32 workspace of at least
     :func:`select_scratch_size` elements, reused across chunks. One row at a time: a row's product
     rows stay in cache from its scores to its terms, and no ``(n, E)`` score matrix is written;
     the rows run on PyTorch's OpenMP threads (``torch.get_num_threads()``)."""
@@ -312,6 +313,7 @@ def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int
     keys, scores, terms = into
     _check(*(t for t in into if t is not None))
     assert keys.shape[0] == B and keys.shape[-1] == top_k and row + n <= keys.shape[1]
+    assert weights.shape == (B, keys.shape[1], J), "head weights: one row per row of the outputs"
     assert (scores is None) == (terms is None) and (scores is not None or not keep_for_kl)
     threads = _threads(B * n)
     if scratch is None or scratch.numel() < select_scratch_size(E, threads):

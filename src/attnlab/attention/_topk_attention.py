@@ -193,12 +193,13 @@ def select_top_k_chunked(index_q: Tensor, index_k: Tensor, index_w: Tensor, star
     if native:  # one workspace for every block; each block writes its rows of the selection in place
         scratch = torch.empty(_native.select_scratch_size(start + T), dtype=torch.int32)
         into = (keys, selection.scores, selection.relu)
+        weights = index_w.float().contiguous()  # read by each block at its rows, like `into`
     # native: blocks of rows whose products stay in the cache between the product and the selection
     for a, b in query_chunks(head, T, min(chunk_size, NATIVE_SELECT_ROWS) if native else chunk_size):
         end = start + b
         if native:  # ReLU, head weights, top-k and the KL's inputs row by row, causal positions only
             products = index_q[:, :, a:b] @ index_k[:, :end].unsqueeze(1).transpose(-1, -2)  # (B, H_I, n, e)
-            _native.select_chunk(products, index_w[:, a:b], start + a + 1, top_k, keep_for_kl, into, a, scratch)
+            _native.select_chunk(products, weights, start + a + 1, top_k, keep_for_kl, into, a, scratch)
             continue
         terms = index_head_terms(index_q[:, :, a:b], index_k[:, :end])
         scores = weighted_heads(terms, index_w[:, a:b])

@@ -365,7 +365,8 @@ static void select_row(const float *row, i64 n, i64 k, uint32_t *kept, uint32_t 
  *   its k highest (select_row) into keys, and, when out_scores is given, the KL's inputs there:
  *   out_scores[o, slot] = I[key], out_terms[o, j, slot] = ReLU(products[b, j, t, key]),
  * where o = b * out_rows + out_row0 + t is the row's place in outputs of out_rows rows per sequence.
- * products (B, J, n, E), w (B, n, J), keys (B, out_rows, k); scratch: 3 * E 32-bit words per thread.
+ * products (B, J, n, E), w (B, out_rows, J) read at the row's place o, keys (B, out_rows, k); scratch:
+ * 3 * E 32-bit words per thread.
  * The rows run on n_threads threads of the OpenMP team PyTorch uses (the same libgomp): no threads
  * of its own to start or to compete with PyTorch's spinning ones. */
 void select_chunk(const float *products, const float *w, int32_t *keys, float *out_scores, float *out_terms,
@@ -384,7 +385,7 @@ void select_chunk(const float *products, const float *w, int32_t *keys, float *o
             const i64 b = r / n, t = r % n, count = n0 + t, o = b * out_rows + out_row0 + t;
             const float *first = products + (b * J * n + t) * E;  /* head j's row: first + j * n * E */
             for (i64 j = 0; j < J; ++j) {
-                const float *p = first + j * n * E, weight = w[r * J + j];
+                const float *p = first + j * n * E, weight = w[o * J + j];
                 if (j == 0) for (i64 s = 0; s < count; ++s) row[s] = weight * (p[s] > 0.0f ? p[s] : 0.0f);
                 else for (i64 s = 0; s < count; ++s) row[s] += weight * (p[s] > 0.0f ? p[s] : 0.0f);
             }
