@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnlab.config import ModelConfig
-from attnlab.layers import MLP, RotaryEmbedding, make_norm
+from attnlab.layers import MLP, RotaryEmbedding, apply_rotary, make_norm
 from tests.conftest import TINY_MODEL
 
 
@@ -25,6 +25,26 @@ def test_rope_matches_complex_rotation(start, dim):
     x = torch.randn(2, 3, 11, dim, dtype=torch.float64)
     got = RotaryEmbedding().rotate(x, start)
     torch.testing.assert_close(got, complex_rope(x, start), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_gradient_is_the_inverse_rotation():
+    """The eager rotation's custom backward against autograd's numerical Jacobian (float64), on a
+    head-split view of a projection (not contiguous); the result keeps that view's memory order."""
+    projection = torch.randn(2, 5, 3 * 4 * 8, dtype=torch.float64)
+    x = projection[..., :32].view(2, 5, 4, 8).transpose(1, 2).detach().requires_grad_()  # (B, H, T, D)
+    cos, sin = RotaryEmbedding().cos_sin(8, 3, 5, "cpu")
+    cos, sin = cos.double(), sin.double()
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
+    y = apply_rotary(x, cos, sin)
+    assert y.transpose(1, 2).is_contiguous()  # (B, T, H, D) in memory, like x * cos would be
+    torch.testing.assert_close(y, complex_rope(x.detach(), 3))
+
+
+def test_rope_compiled_equals_eager():
+    x = torch.randn(2, 4, 9, 16)
+    rope = RotaryEmbedding()
+    compiled = torch.compile(lambda t: rope.rotate(t, 5), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), rope.rotate(x, 5))
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -62,10 +62,48 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]`` over the last dim."""
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]`` over the last dim;
+    ``cos, sin`` ``(T, D)`` with equal halves (:meth:`RotaryEmbedding.cos_sin`).
+
+    Eagerly a custom autograd function that writes each half once (and its backward, the inverse
+    rotation, likewise): autograd through the expression above runs a negation, a concatenation
+    and its split, and zero-fills the halves' gradients before adding them. Compiled graphs keep
+    the expression, which inductor fuses into one loop anyway."""
+    if torch.compiler.is_compiling():
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    half = cos.shape[-1] // 2
+    return _Rotation.apply(x, cos[..., :half], sin[..., :half])
+
+
+def _rotate_halves(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """``[x1 cos - sign x2 sin, x2 cos + sign x1 sin]`` for the halves ``x1, x2`` of ``x`` ``(..., D)``
+    and ``cos, sin`` ``(T, D / 2)``; ``sign = -1`` rotates back (the transpose). The result is laid
+    out in the order of ``x``'s strides, as an elementwise operation's would be (a head-split view
+    of a ``(B, T, H, D)`` projection stays ``(B, T, H, D)`` in memory)."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    order.remove(x.dim() - 1)  # the rotated channels stay innermost
+    order.append(x.dim() - 1)
+    out = x.new_empty([x.shape[d] for d in order]).permute([order.index(d) for d in range(x.dim())])
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """:func:`apply_rotary` with ``cos, sin`` given as their first halves ``(T, D / 2)`` (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate_halves(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate_halves(grad, cos, sin, -1.0), None, None
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
