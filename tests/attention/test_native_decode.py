@@ -34,7 +34,7 @@ def naive_decode(q, k, v, position, scale):
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("H_kv,G", [(4, 1), (2, 2), (1, 4), (1, 16)])
-@pytest.mark.parametrize("D,Dv", [(32, 32), (64, 64), (96, 96), (128, 128), (12, 20), (40, 8)])
+@pytest.mark.parametrize("D,Dv", [(32, 32), (64, 64), (96, 96), (96, 64), (128, 128), (12, 20), (40, 8)])
 def test_decode_attention_equals_naive_softmax(threads, H_kv, G, D, Dv):
     """MHA/GQA/MQA groups (16: the largest the kernel takes), the widths it specialises and two it
     does not (one not a multiple of its 8-lane vectors), and positions inside the first block,
@@ -46,6 +46,26 @@ def test_decode_attention_equals_naive_softmax(threads, H_kv, G, D, Dv):
     for position in [0, 6, 127, 128, 255, 299, 350]:
         got = _native.decode_attention(q, k, v, torch.tensor(position), D ** -0.5)
         torch.testing.assert_close(got.double(), naive_decode(q, k, v, position, D ** -0.5), atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("H_kv", [1, 2])
+def test_values_read_in_place_from_wider_rows(threads, H_kv):
+    """MLA's values are the first channels of its cached rows: a ``(B, H_kv, S, 64)`` view of
+    ``(B, H_kv, S, 96)`` rows is read in place, with the same result as its contiguous copy; a view
+    whose rows are not evenly spaced (heads of another buffer) is copied first, also correctly."""
+    gen = torch.Generator().manual_seed(H_kv)
+    B, S, G = 2, 300, 4
+    q = torch.randn(B, H_kv * G, 1, 96, generator=gen)
+    rows = torch.randn(B, H_kv, S, 96, generator=gen)
+    values = rows[..., :64]
+    uneven = torch.randn(B, S, H_kv, 64, generator=gen).transpose(1, 2)  # (B, H_kv, S, 64), heads interleaved
+    for position in [0, 39, 40, 299]:
+        got = _native.decode_attention(q, rows, values, torch.tensor(position), 0.125)
+        assert torch.equal(got, _native.decode_attention(q, rows, values.contiguous(), torch.tensor(position), 0.125))
+        torch.testing.assert_close(got.double(), naive_decode(q, rows, values, position, 0.125), atol=2e-6, rtol=2e-5)
+        got = _native.decode_attention(q, rows, uneven, torch.tensor(position), 0.125)
+        torch.testing.assert_close(got.double(), naive_decode(q, rows, uneven, position, 0.125), atol=2e-6, rtol=2e-5)
 
 
 def test_peaked_and_flat_softmax():

@@ -69,6 +69,7 @@ from .base import (
     sdpa,
     sdpa_in_context,
     sdpa_static,
+    use_native_decode,
 )
 from .registry import register_attention
 
@@ -228,7 +229,10 @@ class MultiHeadLatentAttention(Attention):
         q = q.reshape(B, 1, H * T, r + self.rope_dim)
         rows = entries.unsqueeze(1)
         if static:  # the query rows as heads of one token over the one shared KV head
-            y_latent = sdpa_static(q.transpose(1, 2), rows, rows, ctx, scale=self.scale).transpose(1, 2)[..., :r]
+            q = q.transpose(1, 2)
+            # the C kernel reads the latents in place as the values (SDPA gets whole rows, as below)
+            values = rows[..., :r] if use_native_decode(q, rows, rows) else rows
+            y_latent = sdpa_static(q, rows, values, ctx, scale=self.scale).transpose(1, 2)[..., :r]
             return self.attend_values(y_latent, B, H, T)
         if ctx.plain:
             mask = None if T == 1 else causal_mask(T, S, ctx.start_pos, q.device).repeat(H, 1)

@@ -10,8 +10,9 @@
  * exponentials and an unnormalised output, and the blocks are merged by their maxima (the
  * log-sum-exp rule of split-K "flash decoding").
  *
- * Layouts (contiguous): q (B, H_kv * G, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv), out
- * (B, H_kv * G, Dv); query head h reads KV head h / G. Slots 0..min(*position, S - 1) are
+ * Layouts: q (B, H_kv * G, D), k (B, H_kv, S, D) and out (B, H_kv * G, Dv) contiguous; v (B, H_kv, S, Dv)
+ * with its rows v_row >= Dv floats apart (MLA's values: the first Dv channels of its key rows, read
+ * in place); query head h reads KV head h / G. Slots 0..min(*position, S - 1) are
  * attended to: the written prefix of a buffer, or every slot of a rolling buffer once it wrapped.
  */
 #include <math.h>
@@ -117,7 +118,7 @@ static inline float block_softmax(float *s, i64 n, float *sum) {
 /* acc (Dv) = sum_j w[j] v_j for one head: successive keys into `sums` separate sums, about 128
  * floats in all (16 vector registers), so that the additions do not wait on each other. */
 static inline __attribute__((always_inline)) void block_values_one_head(
-        const float *restrict w, const float *restrict vb, i64 n, const i64 Dv, float *restrict acc_out) {
+        const float *restrict w, const float *restrict vb, i64 n, const i64 Dv, i64 v_row, float *restrict acc_out) {
     const int sums = Dv <= 32 ? 4 : Dv <= 64 ? 2 : 1;
     float acc[4][MAX_VALUE_DIM];
     for (int u = 0; u < sums; u++)
@@ -125,11 +126,11 @@ static inline __attribute__((always_inline)) void block_values_one_head(
     i64 j;
     for (j = 0; j + sums <= n; j += sums)
         for (int u = 0; u < sums; u++) {
-            const float p = w[j + u], *restrict vj = vb + (j + u) * Dv;
+            const float p = w[j + u], *restrict vj = vb + (j + u) * v_row;
             for (i64 d = 0; d < Dv; d++) acc[u][d] += p * vj[d];
         }
     for (; j < n; j++)
-        for (i64 d = 0; d < Dv; d++) acc[0][d] += w[j] * vb[j * Dv + d];
+        for (i64 d = 0; d < Dv; d++) acc[0][d] += w[j] * vb[j * v_row + d];
     for (i64 d = 0; d < Dv; d++) {
         float total = acc[0][d];
         for (int u = 1; u < sums; u++) total += acc[u][d];
@@ -140,13 +141,13 @@ static inline __attribute__((always_inline)) void block_values_one_head(
 /* The same for four heads at once, 16 value channels at a time: each value load feeds four
  * heads, and the eight running sums are independent. */
 static inline __attribute__((always_inline)) void block_values_four_heads(
-        float w[][BLOCK], const float *restrict vb, i64 n, const i64 Dv, float *restrict acc_out) {
+        float w[][BLOCK], const float *restrict vb, i64 n, const i64 Dv, i64 v_row, float *restrict acc_out) {
     i64 d0 = 0;
     for (; d0 + 16 <= Dv; d0 += 16) {
         v8 acc[4][2];
         for (int h = 0; h < 4; h++) acc[h][0] = acc[h][1] = splat8(0.0f);
         for (i64 j = 0; j < n; j++) {
-            const v8 v0 = load8(vb + j * Dv + d0), v1 = load8(vb + j * Dv + d0 + 8);
+            const v8 v0 = load8(vb + j * v_row + d0), v1 = load8(vb + j * v_row + d0 + 8);
             for (int h = 0; h < 4; h++) {
                 const v8 p = splat8(w[h][j]);
                 acc[h][0] += p * v0;
@@ -161,7 +162,7 @@ static inline __attribute__((always_inline)) void block_values_four_heads(
     for (; d0 < Dv; d0++)
         for (int h = 0; h < 4; h++) {
             float total = 0.0f;
-            for (i64 j = 0; j < n; j++) total += w[h][j] * vb[j * Dv + d0];
+            for (i64 j = 0; j < n; j++) total += w[h][j] * vb[j * v_row + d0];
             acc_out[h * Dv + d0] = total;
         }
 }
@@ -171,7 +172,7 @@ static inline __attribute__((always_inline)) void block_values_four_heads(
  * Always inlined, so that the calls with constant widths get fully unrolled copies. */
 static inline __attribute__((always_inline)) void attend_block(
         const float *restrict qg, const float *restrict kb, const float *restrict vb, i64 n, i64 G,
-        const i64 D, const i64 Dv, float scale, float *restrict max_out, float *restrict sum_out,
+        const i64 D, const i64 Dv, i64 v_row, float scale, float *restrict max_out, float *restrict sum_out,
         float *restrict acc_out) {
     float s[MAX_GROUP][BLOCK];
     i64 g = 0;
@@ -179,13 +180,13 @@ static inline __attribute__((always_inline)) void attend_block(
     if (g < G) block_scores(qg + g * D, kb, n, 1, D, scale, s + g);
     for (g = 0; g < G; g++) max_out[g] = block_softmax(s[g], n, sum_out + g);
     g = 0;
-    for (; g + 4 <= G; g += 4) block_values_four_heads(s + g, vb, n, Dv, acc_out + g * Dv);
-    for (; g < G; g++) block_values_one_head(s[g], vb, n, Dv, acc_out + g * Dv);
+    for (; g + 4 <= G; g += 4) block_values_four_heads(s + g, vb, n, Dv, v_row, acc_out + g * Dv);
+    for (; g < G; g++) block_values_one_head(s[g], vb, n, Dv, v_row, acc_out + g * Dv);
 }
 
 /* Returns 0, or -1 when G or Dv exceed the fixed buffers (the caller checks them first). */
 int decode_attention(const float *q, const float *k, const float *v, float *out, const int64_t *position,
-                     i64 B, i64 H_kv, i64 G, i64 S, i64 D, i64 Dv, float scale) {
+                     i64 B, i64 H_kv, i64 G, i64 S, i64 D, i64 Dv, i64 v_row, float scale) {
     if (G > MAX_GROUP || Dv > MAX_VALUE_DIM) return -1;
     const i64 n_valid = *position + 1 < S ? *position + 1 : S;
     /* every query head of a KV head passes over the block's keys and values again: keep a block
@@ -203,13 +204,13 @@ int decode_attention(const float *q, const float *k, const float *v, float *out,
     for (i64 item = 0; item < items; item++) {
         const i64 bh = item / n_blocks, j0 = (item % n_blocks) * block;
         const i64 n = j0 + block < n_valid ? block : n_valid - j0;
-        const float *kb = k + (bh * S + j0) * D, *vb = v + (bh * S + j0) * Dv, *qg = q + bh * G * D;
+        const float *kb = k + (bh * S + j0) * D, *vb = v + (bh * S + j0) * v_row, *qg = q + bh * G * D;
         float *m = block_max + item * G, *l = block_sum + item * G, *acc = block_acc + item * G * Dv;
-        if (D == 32 && Dv == 32) attend_block(qg, kb, vb, n, G, 32, 32, scale, m, l, acc);
-        else if (D == 64 && Dv == 64) attend_block(qg, kb, vb, n, G, 64, 64, scale, m, l, acc);
-        else if (D == 96 && Dv == 96) attend_block(qg, kb, vb, n, G, 96, 96, scale, m, l, acc);
-        else if (D == 128 && Dv == 128) attend_block(qg, kb, vb, n, G, 128, 128, scale, m, l, acc);
-        else attend_block(qg, kb, vb, n, G, D, Dv, scale, m, l, acc);
+        if (D == 32 && Dv == 32) attend_block(qg, kb, vb, n, G, 32, 32, v_row, scale, m, l, acc);
+        else if (D == 64 && Dv == 64) attend_block(qg, kb, vb, n, G, 64, 64, v_row, scale, m, l, acc);
+        else if (D == 96 && Dv == 64) attend_block(qg, kb, vb, n, G, 96, 64, v_row, scale, m, l, acc);  /* MLA */
+        else if (D == 128 && Dv == 128) attend_block(qg, kb, vb, n, G, 128, 128, v_row, scale, m, l, acc);
+        else attend_block(qg, kb, vb, n, G, D, Dv, v_row, scale, m, l, acc);
     }
     for (i64 bh = 0; bh < B * H_kv; bh++)
         for (i64 g = 0; g < G; g++) {

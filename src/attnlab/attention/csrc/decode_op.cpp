@@ -9,7 +9,8 @@
 #include <torch/library.h>
 
 extern "C" int decode_attention(const float *q, const float *k, const float *v, float *out, const int64_t *position,
-                                int64_t B, int64_t H_kv, int64_t G, int64_t S, int64_t D, int64_t Dv, float scale);
+                                int64_t B, int64_t H_kv, int64_t G, int64_t S, int64_t D, int64_t Dv, int64_t v_row,
+                                float scale);
 
 extern "C" void decode_linear(const float *x, int64_t x_row_stride, const float *w, const float *add,
                               int64_t add_row_stride, float *out, int64_t M, int64_t N, int64_t K);
@@ -49,11 +50,16 @@ at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const 
                 "decode_attention: float32 only");
     TORCH_CHECK(position.numel() == 1 && position.scalar_type() == at::kLong, "decode_attention: position must be "
                 "one int64");
-    const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    // v may be a view of wider rows (MLA: its latents, the first channels of the cached rows): read in place
+    const int64_t S = k.size(2), row = v.stride(2);
+    const bool rows_in_place = v.stride(3) == 1 && row >= v.size(3) && (v.size(1) == 1 || v.stride(1) == S * row)
+                               && (v.size(0) == 1 || v.stride(0) == k.size(1) * S * row);
+    const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = rows_in_place ? v : v.contiguous();
     at::Tensor out = at::empty({q.size(0), q.size(1), 1, v.size(3)}, q.options());
     const int status = decode_attention(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
                                         out.data_ptr<float>(), position.data_ptr<int64_t>(), q.size(0), k.size(1),
-                                        q.size(1) / k.size(1), k.size(2), q.size(3), v.size(3), static_cast<float>(scale));
+                                        q.size(1) / k.size(1), S, q.size(3), v.size(3),
+                                        rows_in_place ? row : v.size(3), static_cast<float>(scale));
     TORCH_CHECK(status == 0, "decode_attention: ", q.size(1) / k.size(1), " query heads per KV head (at most 16) or ",
                 "value width ", v.size(3), " (at most 256), or out of memory");
     return out;
