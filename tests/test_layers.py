@@ -36,8 +36,11 @@ def test_rope_gradient_is_the_inverse_rotation():
     cos, sin = cos.double(), sin.double()
     assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
     y = apply_rotary(x, cos, sin)
+    assert y.grad_fn.name() == "_RotationBackward"
     assert y.transpose(1, 2).is_contiguous()  # (B, T, H, D) in memory, like x * cos would be
     torch.testing.assert_close(y, complex_rope(x.detach(), 3))
+    with torch.no_grad():  # the expression, the same values
+        torch.testing.assert_close(apply_rotary(x, cos, sin), y.detach(), atol=1e-12, rtol=0)
 
 
 def test_rope_compiled_equals_eager():

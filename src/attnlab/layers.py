@@ -65,11 +65,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]`` over the last dim;
     ``cos, sin`` ``(T, D)`` with equal halves (:meth:`RotaryEmbedding.cos_sin`).
 
-    Eagerly a custom autograd function that writes each half once (and its backward, the inverse
-    rotation, likewise): autograd through the expression above runs a negation, a concatenation
-    and its split, and zero-fills the halves' gradients before adding them. Compiled graphs keep
-    the expression, which inductor fuses into one loop anyway."""
-    if torch.compiler.is_compiling():
+    With a gradient to track, eagerly, a custom autograd function that writes each half once (and
+    its backward, the inverse rotation, likewise): autograd through the expression above runs a
+    negation, a concatenation and its split, and zero-fills the halves' gradients before adding
+    them. Without one (decoding, evaluation) the expression's five operations cost less than the
+    function's own overhead on one token's few channels, and compiled graphs keep it too
+    (inductor fuses it into one loop)."""
+    if torch.compiler.is_compiling() or not (x.requires_grad and torch.is_grad_enabled()):
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
     half = cos.shape[-1] // 2
