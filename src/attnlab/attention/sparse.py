@@ -57,12 +57,14 @@ SDDMM/SpMM without a C compiler, both keeping the ``(T, H, top_k)`` probabilitie
 backward pass; gathered SDPA on CUDA, recomputed per chunk under checkpointing). Memory is
 ``O(T * top_k)`` plus one chunk. On two CPU threads with the C kernels (exp10 model, vocabulary
 256, batch 1; ``scripts/bench.py ... bench.rounds=4``, four runs, see the README), ``sparse_256``
-trains at 0.58-0.65x ``mha``'s tokens/s at T=4096 with 1.32x its peak memory, its step time growing
-3.5-4.0x from T=1024 to 4096 against ``mha``'s 5.3-6.0x. Per layer at T=4096 the indexer's scoring
-and top-k take about 55-75 ms (its products about 30), the attention forward and backward about 90
-and the KL 40-50, against 115-150 ms for dense SDPA's forward and backward: the indexer scores
-``T^2 / 2`` pairs at width ``index_n_heads * index_head_dim`` (256, twice the exp10 model's
-query-key width), so on CPU the indexer alone costs about half of dense attention at this size.
+trains at 0.66-0.73x ``mha``'s tokens/s at T=4096 with 1.32x its peak memory, its step time growing
+3.5-3.8x from T=1024 to 4096 against ``mha``'s 5.4-7.1x. Per layer at T=4096 the indexer's scoring
+and top-k take about 50 ms (its products 20-25), the attention forward about 26 (one pass per
+query: logits, softmax, weighted sum) and backward 50-60, and the KL with all its gradients about
+24, against 115-150 ms for dense SDPA's forward and backward: the indexer scores ``T^2 / 2``
+pairs at width ``index_n_heads * index_head_dim`` (256, twice the exp10 model's query-key width),
+so on CPU the indexer alone costs about a third of dense attention at this size. The kernels
+over the selected keys are bound by their scattered reads of key and value rows, not by arithmetic.
 
 Decoding caches keys and values like MHA/GQA plus one rotated indexer key per token:
 ``2 * H_kv * head_dim + index_head_dim`` values per token and layer. Each new token scores every
