@@ -393,9 +393,9 @@ class SelectedAttention(torch.autograd.Function):
 class NativeSelectedAttention(torch.autograd.Function):
     """:class:`SelectedAttention` through the C kernels of :mod:`~attnlab.attention._native`
     (float32 on CPU), all rows in one call each: forward one pass over each query's keys for the
-    logits, their softmax and the weighted sum of the values; backward one pass over each query's keys for all three gradients (the key and value
-    gradients scattered per KV group, or per thread for MQA), with no transposed selection to
-    build. Keeps the output and the ``(B, T, H, K)`` probabilities."""
+    logits, their softmax and the weighted sum of the values; backward one pass over them for all
+    three gradients (the key and value gradients scattered per KV group, or per thread for MQA),
+    with no transposed selection to build. Keeps the output and the ``(B, T, H, K)`` probabilities."""
 
     @staticmethod
     @_without_autocast
