@@ -182,6 +182,11 @@ def _threads(n_rows: int) -> int:
     return max(1, min(torch.get_num_threads(), n_rows))
 
 
+def _pointer(t: Tensor | None) -> int | None:
+    """A kernel's optional array: the tensor's data, or NULL."""
+    return None if t is None else t.data_ptr()
+
+
 def _check(*tensors: Tensor) -> None:
     for t in tensors:
         if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.int32):
@@ -214,7 +219,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, start: int,
     args = _shape_args(q, k, keys, start)
     lib = library()
     _run([functools.partial(lib.attention_forward, q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(),
-                            p.data_ptr(), out.data_ptr(), None if mean is None else mean.data_ptr(), *args, scale,
+                            p.data_ptr(), out.data_ptr(), _pointer(mean), *args, scale,
                             r0, r1) for r0, r1 in _ranges(B * T, _threads(B * T))])
     return p, out, mean
 
@@ -267,19 +272,16 @@ def indexer_kl(scores: Tensor, target: Tensor, weights: Tensor, terms: Tensor, i
     loss_rows = scores.new_empty(B * T)
     parts = _ranges(B * T, _threads(B * T))
     scratch = scores.new_empty(len(parts), K)
+    grad_q = grad_w = grad_k = None
     if with_grad:
         grad_q, grad_w = torch.empty_like(index_q), torch.empty_like(weights)
         grad_k = index_k.new_zeros(len(parts), *index_k.shape)
     lib = library()
-
-    def pointer(t: Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
     _run([functools.partial(lib.indexer_kl, scores.data_ptr(), target.data_ptr(), weights.data_ptr(),
                             terms.data_ptr(), index_k.data_ptr(), index_q.data_ptr(), keys.data_ptr(),
-                            loss_rows.data_ptr(), pointer(grad_w if with_grad else None),
-                            pointer(grad_q if with_grad else None), pointer(grad_k[i] if with_grad else None),
-                            scratch[i].data_ptr(), T, J, S, D, K, start, 1.0 / (B * T), r0, r1)
+                            loss_rows.data_ptr(), _pointer(grad_w), _pointer(grad_q),
+                            _pointer(None if grad_k is None else grad_k[i]), scratch[i].data_ptr(),
+                            T, J, S, D, K, start, 1.0 / (B * T), r0, r1)
           for i, (r0, r1) in enumerate(parts)])
     loss = loss_rows.sum() / (B * T)
     if not with_grad:
@@ -319,8 +321,7 @@ def select_chunk(products: Tensor, weights: Tensor, first_count: int, top_k: int
     if scratch is None or scratch.numel() < select_scratch_size(E, threads):
         scratch = torch.empty(select_scratch_size(E, threads), dtype=torch.int32)
     library().select_chunk(products.data_ptr(), weights.data_ptr(), keys.data_ptr(),
-                           None if scores is None or not keep_for_kl else scores.data_ptr(),
-                           None if terms is None or not keep_for_kl else terms.data_ptr(),
+                           _pointer(scores if keep_for_kl else None), _pointer(terms if keep_for_kl else None),
                            scratch.data_ptr(), B, n, E, J, first_count, top_k, keys.shape[1], row, threads)
     return keys, scores if keep_for_kl else None, terms if keep_for_kl else None
 
