@@ -226,32 +226,6 @@ def test_cpu_steps_run_precompiled_checking_guards_unless_trusted(monkeypatch):
     assert alive() is None
 
 
-def test_an_unchecked_size_is_caught_by_the_guards_not_the_compiled_wrapper():
-    """The compiled CPU step runs without inductor's size asserts (its guards check sizes and
-    strides before an untrusted call): a cache of another length, or a token batch of another
-    size, is a guard failure that compiles again, giving the eager step's logits."""
-    from attnlab import model as model_module
-
-    torch._dynamo.reset()  # no sizes already marked dynamic by earlier compilations: a static first graph
-    model = GPT.from_config(TINY_MODEL, "mha").eval()
-    with torch.no_grad():
-        compiled, eager = model.init_cache(1, 12), model.init_cache(1, 12)
-        idx = torch.randint(0, 97, (1, 6))
-        for cache in (compiled, eager):
-            model(idx[:, :4], cache=cache)
-        model.step(idx[:, 4:5], compiled, compile=True)
-        first = model_module._PRECOMPILED_STEPS[model]
-        assert not first.guard_check(model, idx[:, 4:5], model.init_cache(1, 20))
-        for batch, length in ((1, 20), (2, 12)):
-            caches = model.init_cache(batch, length), model.init_cache(batch, length)
-            tokens = torch.randint(0, 97, (batch, 5))
-            for cache in caches:
-                model(tokens[:, :4], cache=cache)
-            torch.testing.assert_close(model.step(tokens[:, 4:], caches[0], compile=True),
-                                       model.step(tokens[:, 4:], caches[1]), atol=1e-5, rtol=1e-5)
-        assert model_module._PRECOMPILED_STEPS[model] is not first
-
-
 def test_a_step_that_cannot_be_precompiled_runs_through_dynamo(monkeypatch, caplog):
     from attnlab import model as model_module
 

@@ -402,10 +402,7 @@ def compiled_static_step(device_type: str):
     ``mha`` 1.033x)."""
     if device_type == "cuda":
         return torch.compile(GPT.static_step, mode="reduce-overhead")
-    # size_asserts off: the precompiled step checks its inputs' sizes and strides by its guards
-    # before any call not told to trust them; the wrapper's asserts repeated that check inside
-    # every step, 4-5% of an MHA token (exp10 width, context 4,096, 2 threads: 853 -> 807 us)
-    options: dict[str, Any] = {"cpp_wrapper": True, "size_asserts": False}
+    options: dict[str, Any] = {"cpp_wrapper": True}
     if device_type == "cpu" and native_decode_available():  # the products of few rows on the C kernel
         options["post_grad_custom_post_pass"] = FewRowLinears()
         options["aot_inductor.custom_ops_to_c_shims"] = decode_c_shims()  # the C operators called directly
