@@ -378,7 +378,12 @@ def precompile_static_step(model: GPT, token: Tensor, cache: ModelCache):
     fastest of 25 blocks of 200 tokens). None, logged, where it cannot compile so (the step then
     runs through dynamo)."""
     try:
-        precompiled = compiled_static_step(token.device.type).aot_compile(((model, token, cache), {}))
+        # outside AOTAutograd's cache: the step's options name C operators that its cache key cannot
+        # pickle, and the key then falls back to a nonce drawn from Python's global `random`, which a
+        # seeded program (Lightning's seed_everything) draws again in its next run: the on-disk cache
+        # would hand this model another model's step (what a nonce finds is never this graph's)
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            precompiled = compiled_static_step(token.device.type).aot_compile(((model, token, cache), {}))
     except Exception as exc:  # e.g. a mechanism whose step breaks the graph
         log.warning("the static step could not be compiled ahead of time, it runs through dynamo: %s", exc)
         return None
