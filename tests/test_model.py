@@ -234,20 +234,24 @@ def test_precompiling_after_the_same_seed_never_loads_another_models_step(monkey
     import random
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing from other runs
+    later_tests_stream = random.getstate()
     logits = []
-    for vocab_size, attention in ((23, "gqa_2"), (97, "mha")):
-        torch._dynamo.reset()
-        model = GPT.from_config({**TINY_MODEL, "vocab_size": vocab_size}, attention).eval()
-        idx = torch.randint(0, vocab_size, (1, 6))
-        caches = model.init_cache(1, 12), model.init_cache(1, 12)
-        with torch.no_grad():
-            for cache in caches:
-                model(idx[:, :4], cache=cache)
-            random.seed(0)
-            compiled = model.step(idx[:, 4:5], caches[0], compile=True)
-            torch.testing.assert_close(compiled, model.step(idx[:, 4:5], caches[1]), atol=1e-5, rtol=1e-5)
-        logits.append(compiled)
-        model.forget_compiled_step()
+    try:
+        for vocab_size, attention in ((23, "gqa_2"), (97, "mha")):
+            torch._dynamo.reset()
+            model = GPT.from_config({**TINY_MODEL, "vocab_size": vocab_size}, attention).eval()
+            idx = torch.randint(0, vocab_size, (1, 6))
+            caches = model.init_cache(1, 12), model.init_cache(1, 12)
+            with torch.no_grad():
+                for cache in caches:
+                    model(idx[:, :4], cache=cache)
+                random.seed(0)
+                compiled = model.step(idx[:, 4:5], caches[0], compile=True)
+                torch.testing.assert_close(compiled, model.step(idx[:, 4:5], caches[1]), atol=1e-5, rtol=1e-5)
+            logits.append(compiled)
+            model.forget_compiled_step()
+    finally:
+        random.setstate(later_tests_stream)
     assert [t.shape[-1] for t in logits] == [23, 97]
     assert not list(tmp_path.glob("aotautograd/*/*"))  # nothing filed under a nonce
 
