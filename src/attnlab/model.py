@@ -42,6 +42,7 @@ from attnlab.attention._native import decode_c_shims
 from attnlab.attention.kernels import native_decode_available
 from attnlab.config import ModelConfig
 from attnlab.decode_passes import FewRowLinears
+from attnlab.direct_step import call_precompiled
 from attnlab.layers import MLP, RotaryEmbedding, make_norm
 from attnlab.loss import IGNORE_INDEX, linear_cross_entropy
 
@@ -246,9 +247,11 @@ class GPT(nn.Module):
         (:func:`precompile_static_step`) and called without dynamo's frame evaluation, its guards
         checked by the step itself; on CUDA through dynamo with ``mode="reduce-overhead"`` (CUDA
         graphs). ``trust_guards=True`` skips the checks that the graph still applies (on CUDA by
-        ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), for a step that follows a
-        compiled step of the same model and cache with nothing about them changed in between but
-        their values (:meth:`stream` passes it from its second step on). Raises ``ValueError``
+        ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``; on CPU the step then calls
+        inductor's graph directly with the inputs of the cache's last step,
+        :func:`~attnlab.direct_step.call_precompiled`), for a step that follows a compiled step of
+        the same model and cache with nothing about them changed in between but their values
+        (:meth:`stream` passes it from its second step on). Raises ``ValueError``
         when a layer has no static step (:meth:`decode_step_unsupported`)."""
         limit = cache.max_len if self.pos_emb is None else min(cache.max_len, self.cfg.max_seq_len)
         if cache.pos + 1 > limit:
@@ -263,7 +266,7 @@ class GPT(nn.Module):
             with _guards_trusted(trust_guards):  # the graph's output buffer is overwritten by the next replay
                 logits = compiled_static_step("cuda")(self, token, cache).clone()
         elif (precompiled := self._precompiled_step(token, cache, trust_guards)) is not None:
-            logits = precompiled(self, token, cache)
+            logits = call_precompiled(precompiled, self, token, cache, trust_guards)
         else:
             with _guards_trusted(trust_guards):
                 logits = compiled_static_step(token.device.type)(self, token, cache)
