@@ -35,36 +35,50 @@ def recorded(cache):
     return None if entry is None else entry[1]
 
 
+def decode_three_ways(model: GPT, tokens: torch.Tensor, max_len: int):
+    """Logits of steps 6.. of ``tokens`` through ``GPT.step`` (compiled, trusted from the second),
+    through the precompiled function on a twin cache, and eagerly; and the two compiled caches."""
+    with torch.no_grad():
+        direct, through, eager = prefilled(model, tokens[:, :6], 3, max_len)
+        logits = [model.step(tokens[:, t:t + 1], direct, compile=True, trust_guards=t > 6)
+                  for t in range(6, tokens.shape[1])]
+        fn = _PRECOMPILED_STEPS[model]
+        by_fn, by_eager = [], []
+        for t in range(6, tokens.shape[1]):
+            by_fn.append(fn(model, tokens[:, t:t + 1], through))
+            through.advance(1)
+            by_eager.append(model.step(tokens[:, t:t + 1], eager))
+    return torch.stack(logits), torch.stack(by_fn), torch.stack(by_eager), direct, through
+
+
 @pytest.mark.parametrize("attention", ["mha", "sliding", "linear", "sparse", "moh"])
 def test_trusted_steps_call_the_graph_directly_and_equal_the_function_and_eager(attention):
     """Steps 2.. of a stream go straight to the graph; they equal, bit for bit, the precompiled
     function called on a twin cache (the same graph), and the eager static step within float32
-    rounding; the cache state they leave equals the function's. Two models compiled one after the
-    other both run directly (the second step compiles with a symbolic cache length, which reaches
-    the graph as a size argument besides the tensors)."""
-    for vocab_size, max_len in ((97, 40), (61, 48)):
-        torch._dynamo.reset()
-        model = GPT.from_config({**TINY_MODEL, "vocab_size": vocab_size}, attention).eval()
-        tokens = torch.randint(0, vocab_size, (1, 30))
-        with torch.no_grad():
-            direct, through, eager = prefilled(model, tokens[:, :6], 3, max_len)
-            logits = [model.step(tokens[:, t:t + 1], direct, compile=True, trust_guards=t > 6) for t in range(6, 30)]
-            assert recorded(direct) is not None
-            fn = _PRECOMPILED_STEPS[model]
-            by_fn, by_eager = [], []
-            for t in range(6, 30):
-                by_fn.append(fn(model, tokens[:, t:t + 1], through))
-                through.advance(1)
-                by_eager.append(model.step(tokens[:, t:t + 1], eager))
-        torch.testing.assert_close(torch.stack(logits), torch.stack(by_fn), atol=0, rtol=0)
-        torch.testing.assert_close(torch.stack(logits), torch.stack(by_eager), atol=2e-5, rtol=1e-4)
-        for mine, theirs in zip(direct.layers, through.layers):
-            for a, b in zip(mine.tensors(), theirs.tensors()):
-                torch.testing.assert_close(a, b, atol=0, rtol=0)
+    rounding; the cache state they leave equals the function's."""
+    model = GPT.from_config(TINY_MODEL, attention).eval()
+    logits, by_fn, by_eager, direct, through = decode_three_ways(model, torch.randint(0, 97, (1, 16)), 16)
+    assert recorded(direct) is not None
+    torch.testing.assert_close(logits, by_fn, atol=0, rtol=0)
+    torch.testing.assert_close(logits, by_eager, atol=2e-5, rtol=1e-4)
+    for mine, theirs in zip(direct.layers, through.layers):
+        for a, b in zip(mine.tensors(), theirs.tensors()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_second_model_and_cache_length_compiled_with_symbolic_sizes_still_run_directly():
+    """Compiled after another vocabulary and cache length, the step gets symbolic sizes, which
+    reach the graph as numbers beside the tensors: sizes of them, so the recording keeps them."""
+    for vocab_size, max_len in ((97, 16), (61, 24)):
+        model = GPT.from_config({**TINY_MODEL, "vocab_size": vocab_size}, "mha").eval()
+        logits, by_fn, by_eager, direct, _ = decode_three_ways(model, torch.randint(0, vocab_size, (1, max_len)), max_len)
+        assert recorded(direct) is not None
+        torch.testing.assert_close(logits, by_fn, atol=0, rtol=0)
+        torch.testing.assert_close(logits, by_eager, atol=2e-5, rtol=1e-4)
 
 
 def test_a_direct_step_bumps_the_caches_version_counters():
-    model = GPT.from_config(TINY_MODEL, "gqa_2").eval()
+    model = GPT.from_config(TINY_MODEL, "mha").eval()
     tokens = torch.randint(0, 97, (1, 8))
     (cache,) = prefilled(model, tokens[:, :4], 1, 16)
     with torch.no_grad():
@@ -79,13 +93,13 @@ def test_a_direct_step_bumps_the_caches_version_counters():
 def test_each_cache_keeps_its_own_recording():
     """Trusted steps alternating between two caches of one model write each its own cache."""
     model = GPT.from_config(TINY_MODEL, "mha").eval()
-    tokens = torch.randint(0, 97, (2, 20))
+    tokens = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         first, second, first_eager, second_eager = (
-            *prefilled(model, tokens[:1, :5], 1, 24), *prefilled(model, tokens[1:, :5], 1, 24),
-            *prefilled(model, tokens[:1, :5], 1, 24), *prefilled(model, tokens[1:, :5], 1, 24))
+            *prefilled(model, tokens[:1, :5], 1, 16), *prefilled(model, tokens[1:, :5], 1, 16),
+            *prefilled(model, tokens[:1, :5], 1, 16), *prefilled(model, tokens[1:, :5], 1, 16))
         got, want = [], []
-        for t in range(5, 20):
+        for t in range(5, 16):
             for row, cache, eager in ((0, first, first_eager), (1, second, second_eager)):
                 got.append(model.step(tokens[row:row + 1, t:t + 1], cache, compile=True, trust_guards=t > 5))
                 want.append(model.step(tokens[row:row + 1, t:t + 1], eager))
@@ -124,7 +138,7 @@ def test_a_token_of_another_shape_still_stops_at_the_graphs_size_checks():
 
 def test_where_no_graph_is_found_every_step_goes_through_the_function(monkeypatch):
     monkeypatch.setattr(direct_step, "compiled_graph", lambda fn: None)
-    model = GPT.from_config(TINY_MODEL, "gqa_2").eval()
+    model = GPT.from_config(TINY_MODEL, "mha").eval()
     tokens = torch.randint(0, 97, (1, 10))
     compiled, eager = prefilled(model, tokens[:, :4], 2, 16)
     calls = []
@@ -188,7 +202,7 @@ def test_steps_compiled_with_symbolic_widths_stay_correct():
     them; whichever way it is called, its logits are the eager step's."""
     tokens = torch.randint(0, 97, (1, 14))
     for width in (64, 32):
-        model = GPT.from_config({**TINY_MODEL, "d_model": width}, "gqa_2").eval()
+        model = GPT.from_config({**TINY_MODEL, "d_model": width}, "mha").eval()
         compiled, eager = prefilled(model, tokens[:, :4], 2, 16)
         with torch.no_grad():
             got = [model.step(tokens[:, t:t + 1], compiled, compile=True, trust_guards=t > 4) for t in range(4, 14)]

@@ -14,8 +14,8 @@ comes back; :class:`DirectGraphCall` then calls the graph with those inputs and 
 bumps the cache's version counters itself. Where the call is not as described (not exactly one
 inductor graph behind the function, the token not among its inputs exactly once, an input that
 is neither a tensor nor one of their sizes, an output the wrappers replace or add to), nothing is
-recorded and every step goes through the function. Inductor's size and stride asserts stay in the graph, so a token of
-another shape still stops with an error.
+recorded and every step goes through the function. Inductor's size and stride asserts stay in
+the graph, so a token of another shape still stops with an error.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def compiled_graph(fn: Any) -> Any | None:
 class DirectGraphCall:
     """The inputs a precompiled step passed its inductor graph for one model and cache, called
     again with another token: ``call(token)`` gives the logits ``(B, V)`` and writes the cache at
-    its position, as the precompiled function would. It holds the cache's tensors, not the cache."""
+    its position, as the precompiled function would. It holds the cache's tensors and the model's
+    weights (the graph's inputs), not the cache or the model."""
 
     def __init__(self, graph_call: Callable[[list], list], inputs: list[Tensor], token_slot: int,
                  token_dtype: torch.dtype, cache: ModelCache):
